@@ -1,0 +1,1 @@
+"""The `emo-calibrate` command. Each subcommand lives in its own module (see `main.SUBCOMMANDS`)."""
