@@ -15,7 +15,6 @@ timeout still leaves data; an out-of-memory or any other error is recorded for t
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -56,13 +55,15 @@ def parse_args(argv=None):
     parser.add_argument("--merge-steps", type=int, default=3)
     parser.add_argument("--merge-seq-len", type=int, default=256)
     parser.add_argument(
-        "--time-budget", type=float, default=330.0,
+        "--time-budget", type=float, default=270.0,
         help="seconds after which no new training run starts (the rest is recorded as skipped; the merge check "
         "still runs)",
     )  # fmt: skip
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a new temporary folder)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda (cpu for --dry-run)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers (checks)")
+    parser.add_argument("--emo-chunk-size", type=int, default=None, help="EMOConfig.emo_chunk_size (default: auto)")
+    parser.add_argument("--no-quantize", action="store_true", help="unquantised base instead of 4-bit (not QLoRA)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.models, args.batch_sizes, args.seq_len = "tiny", "2", 64
@@ -74,110 +75,6 @@ def parse_args(argv=None):
     if set(args.trainers) - {"mle", "emo"}:
         parser.error(f"--trainers takes 'mle' and/or 'emo', got {args.trainers}")
     return args
-
-
-class StepTimer:
-    """Wall time of every optimizer step, synchronised with the GPU at both ends."""
-
-    def __new__(cls, device):
-        import torch
-        from transformers import TrainerCallback
-
-        def sync():
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.times = []
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                sync()
-                self._t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                sync()
-                self.times.append(time.perf_counter() - self._t0)
-
-        return _Timer()
-
-
-def run_one(kind, model, tokenizer, dataset, batch_size, args, device, dtype) -> dict:
-    """Train `max_steps = warmup + steps` steps with one trainer on `model` (left without adapters afterwards)."""
-    import torch
-    from peft import LoraConfig
-    from proof_report import fits
-    from proof_setup import free_memory
-    from trl import SFTConfig, SFTTrainer
-
-    from emo_calibrate import EMOConfig, EMOTrainer
-
-    record = {"trainer": kind, "batch_size": batch_size, "seq_len": args.seq_len, "status": "running"}
-    config_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "mle" else (EMOConfig, EMOTrainer)
-    config = config_cls(
-        output_dir=os.path.join(args.work_dir, f"run-{kind}"),
-        max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        max_length=args.seq_len,
-        report_to="none",
-        save_strategy="no",
-        gradient_checkpointing=True,
-        bf16=dtype == torch.bfloat16,
-        use_cpu=device == "cpu",
-        dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
-    peft_config = LoraConfig(
-        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-    timer = StepTimer(device)
-    trainer = None
-    free_memory()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        record["start_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-    try:
-        trainer = trainer_cls(
-            model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-            callbacks=[timer],
-        )  # fmt: skip
-        if kind == "emo":
-            record["emo_fused_head"] = trainer._fused_reason is None
-            record["emo_fallback_reason"] = trainer._fused_reason
-        trainer.train()
-        timed = timer.times[args.warmup :]
-        record["step_times_s"] = timer.times
-        record["median_step_s"] = statistics.median(timed)
-        record["tokens_per_s"] = batch_size * args.seq_len / record["median_step_s"]
-        logs = [h for h in trainer.state.log_history if "loss" in h]
-        record["first_log"], record["last_log"] = (logs[0], logs[-1]) if logs else (None, None)
-        finite = all(torch.isfinite(torch.tensor(float(h["loss"]))) for h in logs)
-        record["status"] = "ok" if finite and len(timer.times) == config.max_steps else "bad: non-finite loss"
-    except torch.cuda.OutOfMemoryError as error:
-        record["status"] = "OOM"
-        record["error"] = str(error).splitlines()[0]
-    except Exception as error:  # noqa: BLE001 - record it, the other configurations still run
-        record["status"] = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        record["traceback"] = traceback.format_exc()
-        log(record["traceback"])
-    if device == "cuda":
-        record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        record["fits"] = fits(record["peak_reserved_gib"]) if record["status"] == "ok" else None
-    # Take the adapters out again, so the next run starts from the same bare 4-bit model.
-    wrapped = trainer.model if trainer is not None else None
-    del trainer
-    if wrapped is not None and hasattr(wrapped, "unload"):
-        wrapped.unload()
-    del wrapped
-    free_memory()
-    return record
 
 
 def environment(device) -> dict:
@@ -198,12 +95,28 @@ def environment(device) -> dict:
     return {"device": name, "device_memory_gib": total, "versions": versions, "python": platform.python_version()}
 
 
+def bitsandbytes_problem(device: str) -> str | None:
+    """None if bitsandbytes' 4-bit kernels work on `device` (a small NF4 round trip), else what went wrong."""
+    import torch
+
+    try:
+        import bitsandbytes.functional as bnbf
+
+        x = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
+        packed, state = bnbf.quantize_4bit(x, quant_type="nf4")
+        error = ((bnbf.dequantize_4bit(packed, state).float() - x.float()).norm() / x.float().norm()).item()
+        return None if error < 0.2 else f"NF4 round trip error {error:.3f}"
+    except Exception as error:  # noqa: BLE001 - any failure means no 4-bit here
+        return f"{type(error).__name__}: {error}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from proof_merge import merge_check
     from proof_report import write_results
     from proof_setup import build_random_model, build_tokenizer, free_memory, random_token_dataset
+    from proof_train import run_one
 
     device = args.device or ("cpu" if args.dry_run else "cuda")
     torch.set_num_threads(1 if device == "cpu" else min(8, os.cpu_count() or 1))
@@ -212,8 +125,14 @@ def main(argv=None) -> int:
         return 2
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="emo-gpu-proof-")
+    # Without working 4-bit kernels the EMO/MLE comparison is still worth having, on an unquantised base (recorded).
+    problem = None if args.no_quantize else bitsandbytes_problem(device)
+    quantize = not args.no_quantize and problem is None
+    if problem:
+        log(f"bitsandbytes 4-bit does not work here ({problem}): measuring on an unquantised base instead")
     results = {
         **environment(device),
+        "base": "4-bit NF4, double quantisation" if quantize else f"unquantised ({problem or '--no-quantize'})",
         "settings": {**{k: v for k, v in vars(args).items() if k != "work_dir"}, "dtype": str(dtype)[6:]},
         "models": {},
         "runs": [],
@@ -228,9 +147,11 @@ def main(argv=None) -> int:
             for b, k in pending:
                 results["runs"].append({"model": shape, "batch_size": b, "trainer": k, "status": "skipped (time)"})
             continue
-        log(f"{shape}: building the random 4-bit model")
+        log(f"{shape}: building the random model ({results['base']})")
         try:
-            model, seconds = build_random_model(shape, device=device, dtype=dtype, quantize=True, layers=args.layers)
+            model, seconds = build_random_model(
+                shape, device=device, dtype=dtype, quantize=quantize, layers=args.layers
+            )
         except Exception as error:  # noqa: BLE001
             log(traceback.format_exc())
             results["models"][shape] = {"status": f"build error: {type(error).__name__}: {error}"}
@@ -250,7 +171,7 @@ def main(argv=None) -> int:
                     record = {"trainer": kind, "batch_size": batch_size, "status": "skipped (time)"}
                 else:
                     log(f"{shape} batch {batch_size}: {kind}")
-                    record = run_one(kind, model, tokenizer, dataset, batch_size, args, device, dtype)
+                    record = run_one(kind, model, tokenizer, dataset, batch_size, args, device, dtype, log)
                 record = {"model": shape, **record}
                 results["runs"].append(record)
                 write_results(results, args.out)

@@ -33,6 +33,8 @@ def compare_runs(runs: list[dict]) -> list[dict]:
         for key in ("median_step_s", "peak_allocated_gib", "peak_reserved_gib"):
             a, b = emo.get(key), mle.get(key)
             row[f"{key}_ratio"] = a / b if a is not None and b else None
+        a, b = emo.get("peak_allocated_gib"), mle.get("peak_allocated_gib")
+        row["peak_allocated_extra_gib"] = a - b if a is not None and b is not None else None
         row["time_within_target"] = _within(row["median_step_s_ratio"])
         row["memory_within_target"] = _within(row["peak_allocated_gib_ratio"])
         rows.append(row)
@@ -59,8 +61,8 @@ def markdown(results: dict) -> str:
         f"torch {results.get('versions', {}).get('torch', '?')}, transformers "
         f"{results.get('versions', {}).get('transformers', '?')}, trl {results.get('versions', {}).get('trl', '?')}, "
         f"peft {results.get('versions', {}).get('peft', '?')}, bitsandbytes "
-        f"{results.get('versions', {}).get('bitsandbytes', '?')}. 4-bit NF4 base (double quantisation, "
-        f"{results['settings'].get('dtype', '?')} compute), "
+        f"{results.get('versions', {}).get('bitsandbytes', '?')}. Base: {results.get('base', '?')} "
+        f"({results['settings'].get('dtype', '?')} compute), "
         f"LoRA r={results['settings']['lora_r']} on all linear layers, sequence {results['settings']['seq_len']}, "
         f"gradient checkpointing, {results['settings']['steps']} timed steps after {results['settings']['warmup']} "
         "warm-up steps. Fits X GB: peak reserved + 0.5 GiB CUDA context <= X GiB.",
@@ -82,13 +84,14 @@ def markdown(results: dict) -> str:
             "",
             f"EMO / MLE (target <= {TARGET_RATIO}):",
             "",
-            "| model | batch | step time | peak alloc | peak reserved | time ok | memory ok |",
-            "|---|---:|---:|---:|---:|---|---|",
+            "| model | batch | step time | peak alloc | peak reserved | EMO - MLE peak alloc GiB | time ok | memory ok |",
+            "|---|---:|---:|---:|---:|---:|---|---|",
         ]
         for c in results["comparisons"]:
             lines.append(
                 f"| {c['model']} | {c['batch_size']} | {_fmt(c['median_step_s_ratio'], '.3f')} | "
                 f"{_fmt(c['peak_allocated_gib_ratio'], '.3f')} | {_fmt(c['peak_reserved_gib_ratio'], '.3f')} | "
+                f"{_fmt(c['peak_allocated_extra_gib'], '+.2f')} | "
                 f"{_fmt(c['time_within_target'])} | {_fmt(c['memory_within_target'])} |"
             )
     merge = results.get("merge")

@@ -17,7 +17,7 @@ OUT=${OUT:-outputs/gpu_proof}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
     TOKENIZERS_PARALLELISM=false WANDB_DISABLED=true
-PROOF_LIMIT=${PROOF_LIMIT:-380}  # seconds; gpu_proof.py stops starting training runs at its --time-budget (270 s)
+PROOF_LIMIT=${PROOF_LIMIT:-360}  # seconds; gpu_proof.py stops starting training runs at its --time-budget (270 s)
 TEST_LIMIT=${TEST_LIMIT:-80}
 start=$(date +%s)
 stamp() { echo "[$(date +%H:%M:%S) +$(($(date +%s) - start))s] $*"; }
