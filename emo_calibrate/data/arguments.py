@@ -131,4 +131,6 @@ class DataArguments:
 
     @property
     def num_test_sentences(self) -> int:
-        return round(self.test_size * self.num_sentences) if self.test_size < 1 else int(self.test_size)
+        if self.test_size == 0:
+            return 0
+        return max(1, round(self.test_size * self.num_sentences)) if self.test_size < 1 else int(self.test_size)

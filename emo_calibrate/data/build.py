@@ -220,14 +220,16 @@ def _manifest(args, source, detokenize, counts, splits, picked, tokenizer) -> di
 
 
 def _save(out: Path, splits: dict[str, list[str]], manifest: dict, args: DataArguments) -> None:
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, Features, Value
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)
     try:
-        dataset = DatasetDict({name: Dataset.from_dict({"text": texts}) for name, texts in splits.items()})
-        dataset.save_to_disk(str(tmp))
+        features = Features({"text": Value("string")})  # explicit, so an empty test split still has its column
+        dataset = DatasetDict({name: Dataset.from_dict({"text": t}, features=features) for name, t in splits.items()})
+        # One shard per split (a set is a few MB): an empty split then still saves a loadable file.
+        dataset.save_to_disk(str(tmp), num_shards={name: 1 for name in splits})
         if args.jsonl:
             for name, texts in splits.items():
                 with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:

@@ -66,7 +66,12 @@ _LIST_MARK = "\x00"  # prefixed to lines that came from list items, which are dr
 _EMPTY_PARENS = re.compile(r"\(\s*(?:[,;:]\s*)*\)")  # "( ; )" left over from a removed pronunciation template
 _PAREN_LEAD = re.compile(r"\(\s*(?:[,;:]\s*)+")  # "(;, Aristotélēs" -> "(Aristotélēs"
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+# References and comments are removed before parsing: an odd reference (a stray "|" or "{{" inside) can make the
+# parser give up on it and leave it as plain text.
+_REFS = re.compile(r"<ref\b[^>]*?/>|<ref\b[^>]*>.*?</ref\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
 _LOST = "\x01"  # marks where a formula was removed; the sentence around it is dropped
+# Markup the parser could not read: its sentence is dropped.
+_DEBRIS = re.compile(r"\[\[|\]\]|\{\{|\}\}|</?ref\b", re.IGNORECASE)
 _RANGE_WORDS = frozenset({"-", "–", "to", "and", "or", "by", "x", "×", "+/-", "±"})
 
 
@@ -167,7 +172,7 @@ def clean_wikitext(wikitext: str) -> str:
     """
     import mwparserfromhell
 
-    code = mwparserfromhell.parse(wikitext)
+    code = mwparserfromhell.parse(_REFS.sub("", wikitext))
     out: list[str] = []
     skip_below = None  # heading level of a skipped section; its subsections are skipped too
     for section in code.get_sections(flat=True, include_lead=True):
@@ -188,10 +193,10 @@ def clean_wikitext(wikitext: str) -> str:
         # List items (mostly link lists and bibliographies) and table debris are not running prose.
         if not line or line.startswith(_LIST_MARK) or line[0] in "|!{}":
             continue
-        if _LOST in line:
+        if _LOST in line or _DEBRIS.search(line):
             from .segment import split_sentences
 
-            line = " ".join(s for s in split_sentences(line) if _LOST not in s)
+            line = " ".join(s for s in split_sentences(line) if not (_LOST in s or _DEBRIS.search(s)))
         line = _PAREN_LEAD.sub("(", _EMPTY_PARENS.sub("", line))
         line = _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(line.split()))
         if line:
