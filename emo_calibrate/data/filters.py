@@ -13,6 +13,8 @@ __all__ = ["FILTER_STAGES", "exact_key", "filter_sentences", "has_markup", "near
 
 # Leftover markup (wiki templates and links, HTML tags, table cells, WikiText's <unk>) marks a sentence as debris.
 _MARKUP = re.compile(r"\{\{|\}\}|\[\[|\]\]|<unk>|</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>|\|\||^\s*[|!]")
+# Anything but letters, digits and spaces (in any script): `\w` is `str.isalnum()` plus "_".
+_NOT_ALNUM = re.compile(r"[^\w\s]|_")
 # Names of the counts written to the manifest, in the order the stages run.
 FILTER_STAGES = ("min_words", "max_words", "no_letters", "markup", "exact_duplicates", "near_duplicates")
 
@@ -36,7 +38,7 @@ def near_duplicate_key(sentence: str) -> bytes:
     """
     text = unicodedata.normalize("NFKC", sentence).casefold()
     # Dropping punctuation outright (not replacing it by a space) keeps "U.S." and "US" together.
-    kept = "".join(ch for ch in text if ch.isalnum() or ch.isspace())
+    kept = _NOT_ALNUM.sub("", text)
     return hashlib.blake2b(" ".join(kept.split()).encode("utf-8"), digest_size=16).digest()
 
 

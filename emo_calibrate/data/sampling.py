@@ -81,8 +81,10 @@ def group_examples(
     """Turn picked sentences into example texts.
 
     Without `block_size`, each sentence is one example. With it, consecutive picked sentences of the same document
-    are joined (by a space) while the sum of their `length` stays within `block_size`; a sentence longer than the
-    block is an example of its own (never cut). Sentences of different documents are never joined.
+    are joined (by a space) while the example's `length` stays within `block_size`; a sentence longer than the block
+    is an example of its own (never cut). Sentences of different documents are never joined. A sentence is measured
+    as it appears in the example: alone when it opens one, with the joining space in front otherwise (a tokenizer
+    may split "Endangered" into two tokens but " Endangered" into one).
     """
     if block_size is None:
         return [documents[d][j] for d, j in picked]
@@ -92,12 +94,11 @@ def group_examples(
     used, current_doc = 0, None
     for d, j in picked:
         sentence = documents[d][j]
-        size = length(sentence)
-        if current and (d != current_doc or used + size > block_size):
+        if current and (d != current_doc or used + length(" " + sentence) > block_size):
             examples.append(" ".join(current))
             current, used = [], 0
+        used += length(" " + sentence) if current else length(sentence)
         current.append(sentence)
-        used += size
         current_doc = d
     if current:
         examples.append(" ".join(current))

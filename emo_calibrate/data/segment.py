@@ -2,7 +2,7 @@
 
 Sentences are split with `sentencex` (Wikimedia's rule-based segmenter, compiled Rust, ~300 languages through
 language fallbacks, no model or data download). It handles abbreviations ("Dr.", "U.S.", "e.g.", "Jr."), initials,
-decimals, ellipses and quoted sentences, ran ~70x faster than `syntok` and matched `pysbd` (unmaintained since 2021,
+decimals, ellipses and quoted sentences, ran ~80x faster than `syntok` and matched `pysbd` (unmaintained since 2021,
 ~500x slower) on our cases; NLTK's punkt needs a data download the offline machines cannot make.
 
 WikiText (the paper's corpus) also needs its own clean-up: heading lines such as ` = = Gameplay = = ` are dropped
