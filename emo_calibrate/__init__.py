@@ -14,6 +14,8 @@ _LAZY = {
     "EMOLossOutput": "emo_calibrate.loss",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "build_calibration_set": "emo_calibrate.data",
+    "load_calibration_set": "emo_calibrate.data",
 }
 
 __all__ = sorted(_LAZY)
