@@ -14,6 +14,8 @@ _LAZY = {
     "EMOLossOutput": "emo_calibrate.loss",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "TrainingInterrupted": "emo_calibrate.callbacks",
+    "NonFiniteTrainingError": "emo_calibrate.callbacks",
 }
 
 __all__ = sorted(_LAZY)
