@@ -641,3 +641,31 @@ def test_public_names_resolve_and_cli_import_is_light():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+@pytest.mark.gpu
+def test_run_evaluation_on_cuda(tiny_llama_dir, eval_assets, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from emo_calibrate.evaluation.arguments import EvalArguments
+    from emo_calibrate.evaluation.runner import run_evaluation
+
+    common = dict(
+        models=[f"base={tiny_llama_dir}", f"emo={eval_assets / 'emo-adapter'}"],
+        eval_data=str(eval_assets / "held.jsonl"),
+        window=16,
+        stride=8,
+        num_prompts=4,
+        prefix_words=5,
+        continuation_words=10,
+        max_new_tokens=6,
+        seeds=[0],
+        decoding=["greedy"],
+        featurizer=tiny_llama_dir,
+    )
+    on_gpu = run_evaluation(EvalArguments(**common, device="cuda", output_dir=str(tmp_path / "gpu")))
+    on_cpu = run_evaluation(EvalArguments(**common, device="cpu", output_dir=str(tmp_path / "cpu")))
+    assert on_gpu["device"] == "cuda"
+    for g, c in zip(on_gpu["models"], on_cpu["models"]):
+        assert g["perplexity"]["token"] == pytest.approx(c["perplexity"]["token"], rel=1e-3)
+        assert g["calibration"]["ece"] == pytest.approx(c["calibration"]["ece"], abs=1e-3)

@@ -1,11 +1,16 @@
 """`EvalArguments`: every option of `emo-calibrate eval` (and of `run_evaluation` in Python), with costs.
 
-Cost guide (SmolLM2-135M on 2 CPU cores, fp32; scales with model size and is ~50-100x faster on a GPU):
-- perplexity + calibration: one forward pass per window, ~500 tokens/s, so the default 12k words (~16k tokens) take
-  about half a minute per model; `stride < window` multiplies that by `window / stride`.
-- generation: `num_prompts x max_new_tokens` tokens per seed and per greedy run (64 x 80 = 5k tokens, ~20-40 s
-  per run); MAUVE adds one featurizer pass over the human texts (once) and the samples (per run).
+Cost guide, measured with SmolLM2-135M (fp32, one thread) on the project's shared 2-core CPU machine while other
+jobs loaded it (load average ~8; an idle machine is faster, a GPU far faster):
+- perplexity + calibration: 3,000 words (~4k tokens) in 77 s, i.e. ~50 tokens/s; linear in `max_eval_words`;
+  `stride < window` multiplies it by `window / stride`.
+- generation: 16 prompts x 80 new tokens x 3 runs (2 sampling seeds + greedy), plus the MAUVE features of the human
+  texts (once) and of each run, in 262 s; linear in `num_prompts` and in the number of runs
+  (`len(seeds)` + 1 for greedy).
 - downstream: whatever the chosen lm-eval tasks cost; use `lm_eval_limit` for a quick look.
+A quick CPU look at one model: `--max_eval_words 3000 --num_prompts 16 --seeds 0 1` (about 6 minutes as measured
+above). MAUVE needs a few hundred prompts to be informative (it clusters into `num_prompts / 10` buckets; the paper
+used thousands): with few prompts, read rep-n and perplexity rather than MAUVE.
 """
 
 from dataclasses import dataclass, field
@@ -35,7 +40,7 @@ class EvalArguments:
         text_field (`str`, *optional*, defaults to `"text"`): column / JSON field holding the text.
         min_document_words (`int`, *optional*, defaults to `256`):
             Consecutive rows shorter than this are joined into one document (0 keeps rows as they are).
-        max_eval_words (`int`, *optional*, defaults to `12000`): word budget of the held-out text (0 = all).
+        max_eval_words (`int`, *optional*, defaults to `8000`): word budget of the held-out text (0 = all).
         metrics (`list[str]`, *optional*, defaults to `["perplexity", "calibration", "generation"]`):
             Metric groups to run; `downstream` is added when `lm_eval_tasks` is given.
         window (`int`, *optional*, defaults to `512`): tokens per perplexity window.
@@ -43,13 +48,13 @@ class EvalArguments:
         batch_size (`int`, *optional*, defaults to `4`): windows per forward pass.
         add_special_tokens (`bool`, *optional*, defaults to `True`): let the tokenizer add its BOS etc.
         calibration_bins (`int`, *optional*, defaults to `15`): confidence bins of ECE.
-        num_prompts (`int`, *optional*, defaults to `64`): generation prompts (the paper used thousands).
+        num_prompts (`int`, *optional*, defaults to `32`): generation prompts (the paper used thousands).
         prefix_words (`int`, *optional*, defaults to `20`): words per prompt.
         continuation_words (`int`, *optional*, defaults to `80`): words of the human continuation.
         max_new_tokens (`int`, *optional*, defaults to `80`): tokens generated per prompt.
         seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`): sampling runs (the paper used 5).
         decoding (`list[str]`, *optional*, defaults to `["sample", "greedy"]`): decoding modes.
-        generation_batch_size (`int`, *optional*, defaults to `8`): prompts per `generate` call.
+        generation_batch_size (`int`, *optional*, defaults to `16`): prompts per `generate` call.
         featurizer (`str`, *optional*, defaults to `"auto"`):
             MAUVE feature model: `auto` (`gpt2-large` when it can be loaded, else the first model's base),
             `base`, `none` (no MAUVE), or any model id / folder.
@@ -92,7 +97,7 @@ class EvalArguments:
         metadata={"help": "Join consecutive rows shorter than this many words into one document (0: keep rows)."},
     )
     max_eval_words: int = field(
-        default=12000,
+        default=8000,
         metadata={"help": "Evaluate on at most this many words of held-out text (0: all). ~1.3 tokens per word."},
     )
     metrics: list[str] = field(
@@ -114,7 +119,12 @@ class EvalArguments:
         default=True, metadata={"help": "Let the tokenizer add its special tokens (e.g. BOS) to each document."}
     )
     calibration_bins: int = field(default=15, metadata={"help": "Equal-width confidence bins for ECE."})
-    num_prompts: int = field(default=64, metadata={"help": "Generation prompts cut from held-out paragraphs."})
+    num_prompts: int = field(
+        default=32,
+        metadata={
+            "help": "Generation prompts cut from held-out paragraphs (MAUVE needs a few hundred to be informative)."
+        },
+    )
     prefix_words: int = field(default=20, metadata={"help": "Words per prompt prefix (the paper's 20)."})
     continuation_words: int = field(default=80, metadata={"help": "Words of the human reference continuation."})
     max_new_tokens: int = field(
@@ -127,7 +137,7 @@ class EvalArguments:
         default_factory=lambda: ["sample", "greedy"],
         metadata={"help": "Decoding modes: sample (unbiased: top_k 0, top_p 1, temperature 1) and/or greedy."},
     )
-    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
     featurizer: str = field(
         default="auto",
         metadata={

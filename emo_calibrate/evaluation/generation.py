@@ -190,7 +190,8 @@ class Featurizer:
             mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
             out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
             hidden = out.hidden_states[-1]  # (b, T, d); post-final-norm, like mauve-text's GPT-2 features
-            feats.append(hidden[torch.arange(len(ids)), (lengths - 1).to(device)].float().cpu())
+            rows = torch.arange(len(ids), device=hidden.device)
+            feats.append(hidden[rows, (lengths - 1).to(hidden.device)].float().cpu())
         return torch.cat(feats).numpy()
 
 

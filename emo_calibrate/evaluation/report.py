@@ -196,7 +196,9 @@ def write_report(results: dict, output_dir: str) -> str:
         featurizer = results["featurizer"] or "none (MAUVE not computed)"
         lines.append(
             f"- MAUVE featurizer: **{featurizer}** (the paper used gpt2-large). MAUVE depends on the featurizer and on "
-            "the number of samples: compare values only within one report."
+            "the number of samples: compare values only within one report. It clusters the samples into "
+            f"{max(2, round(results['num_prompts'] / 10))} buckets here; with fewer than a few hundred prompts it is "
+            "coarse and values near 1 say little."
         )
     if any("downstream" in m for m in results["models"]):
         lines.append(f"- Downstream: lm-evaluation-harness tasks {s['lm_eval_tasks']} (full metrics in results.json).")

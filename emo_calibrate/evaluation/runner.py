@@ -288,6 +288,13 @@ def run_evaluation(args: EvalArguments) -> dict:
             logger.warning("Only %d generation prompts could be cut (asked for %d).", len(prompts), args.num_prompts)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     featurizer = _resolve_featurizer(args, specs, device)
+    if featurizer is not None and len(prompts) < 100:
+        logger.warning(
+            "MAUVE from %d prompts clusters into %d buckets and is coarse (values near 1 say little); use a few "
+            "hundred prompts for MAUVE to discriminate, and read rep-n and perplexity meanwhile.",
+            len(prompts),
+            max(2, round(len(prompts) / 10)),
+        )
     reference_features = featurizer([p.reference for p in prompts]) if featurizer else None
 
     results = {
