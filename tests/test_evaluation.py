@@ -517,6 +517,21 @@ def eval_assets(tiny_llama_dir, tmp_path_factory):
     return root
 
 
+def _tiny_eval_settings(tiny_llama_dir, eval_assets) -> dict:
+    """EvalArguments for base vs adapter on the tiny model, sized to take seconds."""
+    return dict(
+        models=[f"base={tiny_llama_dir}", f"emo={eval_assets / 'emo-adapter'}"],
+        eval_data=str(eval_assets / "held.jsonl"),
+        window=16,
+        stride=8,
+        num_prompts=4,
+        prefix_words=5,
+        continuation_words=10,
+        max_new_tokens=6,
+        featurizer=tiny_llama_dir,
+    )
+
+
 def test_parse_model_spec(tiny_llama_dir, eval_assets, tmp_path):
     from emo_calibrate.evaluation.runner import find_trainer_state, parse_model_spec
 
@@ -546,19 +561,7 @@ def test_run_evaluation_base_vs_adapter_writes_report(tiny_llama_dir, eval_asset
     from emo_calibrate.evaluation.runner import load_model, parse_model_spec, run_evaluation
 
     out = tmp_path / "report"
-    args = EvalArguments(
-        models=[f"base={tiny_llama_dir}", f"emo={eval_assets / 'emo-adapter'}"],
-        eval_data=str(eval_assets / "held.jsonl"),
-        window=16,
-        stride=8,
-        num_prompts=4,
-        prefix_words=5,
-        continuation_words=10,
-        max_new_tokens=6,
-        seeds=[0, 1],
-        featurizer=tiny_llama_dir,
-        output_dir=str(out),
-    )
+    args = EvalArguments(**_tiny_eval_settings(tiny_llama_dir, eval_assets), seeds=[0, 1], output_dir=str(out))
     results = run_evaluation(args)
     base, emo = results["models"]
     assert emo["kind"] == "adapter" and emo["trainer_state"].endswith("trainer_state.json")
@@ -650,19 +653,7 @@ def test_run_evaluation_on_cuda(tiny_llama_dir, eval_assets, tmp_path):
     from emo_calibrate.evaluation.arguments import EvalArguments
     from emo_calibrate.evaluation.runner import run_evaluation
 
-    common = dict(
-        models=[f"base={tiny_llama_dir}", f"emo={eval_assets / 'emo-adapter'}"],
-        eval_data=str(eval_assets / "held.jsonl"),
-        window=16,
-        stride=8,
-        num_prompts=4,
-        prefix_words=5,
-        continuation_words=10,
-        max_new_tokens=6,
-        seeds=[0],
-        decoding=["greedy"],
-        featurizer=tiny_llama_dir,
-    )
+    common = dict(**_tiny_eval_settings(tiny_llama_dir, eval_assets), seeds=[0], decoding=["greedy"])
     on_gpu = run_evaluation(EvalArguments(**common, device="cuda", output_dir=str(tmp_path / "gpu")))
     on_cpu = run_evaluation(EvalArguments(**common, device="cpu", output_dir=str(tmp_path / "cpu")))
     assert on_gpu["device"] == "cuda"
