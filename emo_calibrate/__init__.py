@@ -14,6 +14,7 @@ _LAZY = {
     "EMOLossOutput": "emo_calibrate.loss",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "CalibrationGuard": "emo_calibrate.guard",
     "EvalArguments": "emo_calibrate.evaluation.arguments",
     "run_evaluation": "emo_calibrate.evaluation.runner",
     "evaluate_perplexity": "emo_calibrate.evaluation.perplexity",
