@@ -11,6 +11,10 @@ r"""`emo-calibrate eval`: compare models (base, MLE-LoRA, EMO-LoRA, merged, ...)
     # downstream tasks of lm-evaluation-harness on top
     emo-calibrate eval --models runs/emo --eval_data heldout.jsonl --lm_eval_tasks arc_easy --lm_eval_limit 200 ...
 
+Costs (SmolLM2-135M, fp32, one thread on a busy 2-core CPU): ~50 tokens/s for perplexity + calibration; 16 prompts x
+80 tokens x 3 decoding runs + MAUVE features in ~4.5 min. `--max_eval_words 3000 --num_prompts 16 --seeds 0 1` is a
+~6-minute look at one model there; a GPU is far faster. MAUVE needs a few hundred prompts to discriminate.
+
 Every option can also come from `--config eval.yaml` (flat keys = option names). Writes `results.json`, `report.md`,
 PNG plots and `samples/` to `--output_dir` (atomically; an existing folder needs `--overwrite`).
 """
