@@ -288,7 +288,12 @@ def test_load_eval_documents_sources_and_errors(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "jsonl doc"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert load_eval_documents(str(tmp_path / "a.txt")) == ["first doc\nsecond line\n"]
     assert load_eval_documents(str(tmp_path / "b.jsonl")) == ["jsonl doc", "two"]
-    assert load_eval_documents(str(tmp_path)) == ["first doc\nsecond line\n", "jsonl doc", "two"]
+    assert load_eval_documents(str(tmp_path)) == ["first doc\nsecond line\n", "jsonl doc", "two"]  # sorted files
+
+    (tmp_path / "rows.csv").write_text("text,other\ncsv one,1\ncsv two,2\n")
+    assert load_eval_documents(str(tmp_path / "rows.csv")) == ["csv one", "csv two"]
+    with pytest.raises(ValueError, match="no column 'body'"):
+        load_eval_documents(str(tmp_path / "rows.csv"), text_field="body")
 
     saved = tmp_path / "calib"
     DatasetDict(
