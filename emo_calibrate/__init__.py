@@ -14,6 +14,8 @@ _LAZY = {
     "EMOLossOutput": "emo_calibrate.loss",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "build_calibration_set": "emo_calibrate.data",
+    "load_calibration_set": "emo_calibrate.data",
     "CalibrationGuard": "emo_calibrate.guard",
     "EvalArguments": "emo_calibrate.evaluation.arguments",
     "run_evaluation": "emo_calibrate.evaluation.runner",
