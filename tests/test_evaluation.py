@@ -665,3 +665,32 @@ def test_run_evaluation_on_cuda(tiny_llama_dir, eval_assets, tmp_path):
     for g, c in zip(on_gpu["models"], on_cpu["models"]):
         assert g["perplexity"]["token"] == pytest.approx(c["perplexity"]["token"], rel=1e-3)
         assert g["calibration"]["ece"] == pytest.approx(c["calibration"]["ece"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_real_demo_model_on_held_out_wikipedia(tmp_path):
+    """SmolLM2-135M on three Wikipedia articles, CPU-sized: the numbers must look like a real LM's."""
+    from emo_calibrate.assets import smollm2_path, wikipedia_articles
+    from emo_calibrate.evaluation.arguments import EvalArguments
+    from emo_calibrate.evaluation.runner import run_evaluation
+
+    with open(tmp_path / "held.jsonl", "w") as f:
+        for article in wikipedia_articles()[-3:]:
+            f.write(json.dumps({"text": article["text"]}) + "\n")
+    args = EvalArguments(
+        models=[f"smollm2={smollm2_path()}"],
+        eval_data=str(tmp_path / "held.jsonl"),
+        max_eval_words=1500,
+        num_prompts=8,
+        max_new_tokens=40,
+        seeds=[0],
+        featurizer="base",
+        output_dir=str(tmp_path / "report"),
+    )
+    (entry,) = run_evaluation(args)["models"]
+    ppl, calib = entry["perplexity"], entry["calibration"]
+    assert 5 < ppl["token"] < 60  # ~19 on Wikipedia prose (docs/offline-assets)
+    assert ppl["word"] > ppl["token"]  # more than one token per word
+    assert calib["ece"] < 0.1 and 0 < calib["brier"] < 1.2
+    assert 0 <= entry["generation"]["sample"]["mean"]["mauve"] <= 1
+    assert (tmp_path / "report" / "report.md").exists()
