@@ -19,6 +19,7 @@ from .checkpointing import assert_finite_weights, restore_emo_state, save_emo_st
 from .config import EMOConfig
 from .cost_embedding import load_cost_embedding
 from .fused import fused_head_unsupported_reason, fused_linear_emo_loss
+from .guard import CalibrationGuard
 from .loss import emo_loss
 from .quantization import disable_cpu_4bit_repacking
 from .validation import validate_prepared_trainer, validate_trainer_inputs
@@ -97,6 +98,10 @@ class EMOTrainer(SFTTrainer):
         self._nonfinite_guard = NonFiniteGuard(self, self._stop, self.args.emo_max_nonfinite_steps)
         self.add_callback(self._stop)
         self.add_callback(self._nonfinite_guard)
+        # Calibration guard (guard.py): with an eval set, held-out perplexity is compared with the starting model's.
+        if self.eval_dataset is not None and self.args.eval_strategy != "no" and self.args.emo_guard_max_ppl_ratio:
+            self.args.eval_on_start = True
+            self.add_callback(CalibrationGuard(self.args.emo_guard_max_ppl_ratio, stop=self.args.emo_guard_stop))
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
