@@ -16,6 +16,15 @@ _LAZY = {
     "EMOTrainer": "emo_calibrate.trainer",
     "build_calibration_set": "emo_calibrate.data",
     "load_calibration_set": "emo_calibrate.data",
+    "CalibrationGuard": "emo_calibrate.guard",
+    "EvalArguments": "emo_calibrate.evaluation.arguments",
+    "run_evaluation": "emo_calibrate.evaluation.runner",
+    "evaluate_perplexity": "emo_calibrate.evaluation.perplexity",
+    "evaluate_calibration": "emo_calibrate.evaluation.calibration",
+    "evaluate_generation": "emo_calibrate.evaluation.generation",
+    "run_lm_eval": "emo_calibrate.evaluation.lm_eval_adapter",
+    "TrainingInterrupted": "emo_calibrate.callbacks",
+    "NonFiniteTrainingError": "emo_calibrate.callbacks",
 }
 
 __all__ = sorted(_LAZY)
