@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--merge-steps", type=int, default=3)
     parser.add_argument("--merge-seq-len", type=int, default=256)
     parser.add_argument(
-        "--time-budget", type=float, default=270.0,
+        "--time-budget", type=float, default=250.0,
         help="seconds after which no new training run starts (the rest is recorded as skipped; the merge check "
         "still runs)",
     )  # fmt: skip

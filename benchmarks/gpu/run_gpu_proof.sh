@@ -17,8 +17,8 @@ OUT=${OUT:-outputs/gpu_proof}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
     TOKENIZERS_PARALLELISM=false WANDB_DISABLED=true
-PROOF_LIMIT=${PROOF_LIMIT:-360}  # seconds; gpu_proof.py stops starting training runs at its --time-budget (270 s)
-TEST_LIMIT=${TEST_LIMIT:-80}
+PROOF_LIMIT=${PROOF_LIMIT:-340}  # seconds; gpu_proof.py starts no training run after its --time-budget (250 s)
+TEST_LIMIT=${TEST_LIMIT:-100}
 start=$(date +%s)
 stamp() { echo "[$(date +%H:%M:%S) +$(($(date +%s) - start))s] $*"; }
 
@@ -50,7 +50,7 @@ EOF
 } 2>&1 | tee -a "$OUT/env.txt"
 
 stamp "gpu_proof.py (limit ${PROOF_LIMIT}s)"
-timeout -k 10 "$PROOF_LIMIT" python3 benchmarks/gpu/gpu_proof.py --out "$OUT" --time-budget 270 "$@" 2>&1 \
+timeout -k 10 "$PROOF_LIMIT" python3 benchmarks/gpu/gpu_proof.py --out "$OUT" --time-budget 250 "$@" 2>&1 \
     | tee "$OUT/gpu_proof.log"
 proof_rc=${PIPESTATUS[0]}
 stamp "gpu_proof.py exit code $proof_rc (124 = stopped at the time limit; results so far are in $OUT)"
