@@ -14,6 +14,7 @@ _LAZY = {
     "EMOLossOutput": "emo_calibrate.loss",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "merge_adapter": "emo_calibrate.merge",
 }
 
 __all__ = sorted(_LAZY)

@@ -11,6 +11,7 @@ import sys
 # name -> (module, one-line summary shown by `emo-calibrate --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("emo_calibrate.cli.train", "Calibrate a model with EMO (LoRA / QLoRA) from a YAML recipe; no arguments runs the offline demo."),
+    "merge": ("emo_calibrate.cli.merge", "Merge an adapter into its base model for deployment (verified, atomic)."),
 }
 
 USAGE = """usage: emo-calibrate <command> [options]

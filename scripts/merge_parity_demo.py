@@ -1,0 +1,131 @@
+"""Measure merge parity on a real model: train a small QLoRA adapter, merge it every way, print a Markdown table.
+
+    python scripts/merge_parity_demo.py --base /path/to/smollm2-safetensors --workdir /tmp/merge-demo
+
+`--base` is a plain transformers folder (config, safetensors, tokenizer), e.g. SmolLM2-135M converted from its GGUF
+(docs/offline-assets.md). The adapter is LoRA r=16 on all linear layers of the NF4 + double-quant base (bf16 load and
+compute, as a GPU QLoRA run would use), trained for a few AdamW steps with a plain torch loop so that B != 0.
+Nothing here goes into the package; the figures go to docs/merge.md.
+"""
+
+import argparse
+import os
+import time
+
+
+TEXT = [
+    "The river rises in the northern hills and flows south through farmland before it reaches the sea.",
+    "In the winter of that year the council voted to build a new bridge across the harbour.",
+    "Many early computers filled whole rooms and used vacuum tubes instead of transistors.",
+    "The museum holds a large collection of paintings, maps and letters from the colonial period.",
+    "She studied chemistry at the university and later worked on the structure of proteins.",
+    "The festival takes place every summer and attracts musicians from all over the country.",
+    "Most of the island is covered by forest, and its only town lies on the eastern coast.",
+    "The novel follows two brothers who leave their village to look for work in the capital.",
+]
+
+
+def train_adapter(base: str, adapter_dir: str, steps: int, lr: float, seed: int = 0) -> float:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from emo_calibrate.quantization import disable_cpu_4bit_repacking, save_quantization_record
+
+    torch.manual_seed(seed)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
+    )
+    disable_cpu_4bit_repacking(model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    for param in model.parameters():
+        if param.requires_grad:  # as SFTTrainer does on quantised bases
+            param.data = param.data.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = tokenizer(TEXT, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        print(f"step {step}: loss {loss.item():.4f}")
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    save_quantization_record(model, adapter_dir)
+    return time.perf_counter() - start
+
+
+def context_figures(adapter_dir: str) -> None:
+    """How strong the adapter is and how lossy 4-bit is here: the scale against which the parity figures read."""
+    from peft import PeftModel
+
+    from emo_calibrate.merge import _load_base
+    from emo_calibrate.merge_plan import make_merge_plan
+    from emo_calibrate.parity import compare_logits, prompt_logits
+    from emo_calibrate.quantization import disable_cpu_4bit_repacking
+
+    plan = make_merge_plan(adapter_dir, adapter_dir + "-unused", dtype="float32")
+    tokenizer = plan.load_tokenizer()
+    original = prompt_logits(_load_base(plan, quantized=False), tokenizer)
+    base4 = _load_base(plan, quantized=True)
+    quantized = prompt_logits(base4, tokenizer)
+    adapted = PeftModel.from_pretrained(base4, adapter_dir)
+    disable_cpu_4bit_repacking(adapted)
+    trained = prompt_logits(adapted, tokenizer)
+    for name, result in (
+        ("original base vs 4-bit base (quantisation gap)", compare_logits(original, quantized)),
+        ("4-bit base vs 4-bit base + adapter (adapter strength)", compare_logits(quantized, trained)),
+    ):
+        print(f"{name}: max|dlogit| {result.max_abs_logit_diff:.3g}, mean KL {result.mean_kl:.3g}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", default="bfloat16,float32,float16")
+    args = parser.parse_args()
+
+    import torch
+
+    from emo_calibrate.merge import merge_adapter
+
+    torch.set_num_threads(args.threads)
+    adapter_dir = os.path.join(args.workdir, "adapter")
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        print(f"trained adapter in {train_adapter(args.base, adapter_dir, args.steps, args.lr):.0f}s")
+    context_figures(adapter_dir)
+    rows = []
+    for merge_base in ("dequantized", "original"):
+        for dtype in args.dtypes.split(","):
+            out = os.path.join(args.workdir, f"merged-{merge_base}-{dtype}")
+            report = merge_adapter(adapter_dir, out, merge_base=merge_base, dtype=dtype, overwrite=True)
+            print(report.summary())
+            p, t = report.parity, report.parity_vs_trained
+            rows.append(
+                f"| {merge_base} | {dtype} | {p.max_abs_logit_diff:.3g} | {p.mean_kl:.3g} | {t.max_abs_logit_diff:.3g} "
+                f"| {t.mean_kl:.3g} | {report.seconds['total']:.1f} (merge {report.seconds['merge']:.1f}) |"
+            )
+    print(
+        "| merge base | dtype | max abs Δlogit vs unmerged | mean KL vs unmerged | max abs Δlogit vs 4-bit trained "
+        "| mean KL vs 4-bit trained | seconds |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
