@@ -1,11 +1,14 @@
 """Measure merge parity on a real model: train a small QLoRA adapter, merge it every way, print a Markdown table.
 
-    python scripts/merge_parity_demo.py --base /path/to/smollm2-safetensors --workdir /tmp/merge-demo
+    PYTHONPATH=. python scripts/merge_parity_demo.py --base /path/to/smollm2-safetensors --workdir /tmp/merge-demo
+    PYTHONPATH=.:tests python scripts/merge_parity_demo.py --tiny --workdir /tmp/merge-tiny --init random \
+        --train_dtype float32
 
 `--base` is a plain transformers folder (config, safetensors, tokenizer), e.g. SmolLM2-135M converted from its GGUF
-(docs/offline-assets.md). The adapter is LoRA r=16 on all linear layers of the NF4 + double-quant base (bf16 load and
-compute, as a GPU QLoRA run would use), trained for a few AdamW steps with a plain torch loop so that B != 0.
-Nothing here goes into the package; the figures go to docs/merge.md.
+(docs/offline-assets.md); `--tiny` builds the test suite's tiny Llama instead. The adapter is LoRA on all linear layers
+of the NF4 + double-quant base loaded and computing in `--train_dtype` (bf16 by default, as a GPU QLoRA run would use):
+`--init trained` trains it for `--steps` AdamW steps with a plain torch loop so that B != 0; `--init random` uses
+PEFT's `init_lora_weights=False` instead. Nothing here goes into the package; the figures go to docs/merge.md.
 """
 
 import argparse
@@ -25,7 +28,7 @@ TEXT = [
 ]
 
 
-def train_adapter(base: str, adapter_dir: str, steps: int, lr: float, seed: int = 0) -> float:
+def train_adapter(base: str, adapter_dir: str, args, seed: int = 0) -> float:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -33,27 +36,27 @@ def train_adapter(base: str, adapter_dir: str, steps: int, lr: float, seed: int 
     from emo_calibrate.quantization import disable_cpu_4bit_repacking, save_quantization_record
 
     torch.manual_seed(seed)
+    dtype = getattr(torch, args.train_dtype)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        base, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
-    )
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype, device_map="cpu")
     disable_cpu_4bit_repacking(model)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=args.init == "trained")
+    model = get_peft_model(model, lora)
     for param in model.parameters():
         if param.requires_grad:  # as SFTTrainer does on quantised bases
             param.data = param.data.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     batch = tokenizer(TEXT, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.train()
     start = time.perf_counter()
-    for step in range(steps):
+    for step in range(args.steps if args.init == "trained" else 0):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -91,11 +94,15 @@ def context_figures(adapter_dir: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True)
+    parser.add_argument("--base", help="plain transformers model folder")
+    parser.add_argument("--tiny", action="store_true", help="build and use the tests' tiny Llama")
+    parser.add_argument("--init", choices=["trained", "random"], default="trained")
+    parser.add_argument("--train_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the merges run")
     parser.add_argument("--dtypes", default="bfloat16,float32,float16")
     args = parser.parse_args()
 
@@ -104,15 +111,21 @@ def main():
     from emo_calibrate.merge import merge_adapter
 
     torch.set_num_threads(args.threads)
+    if args.tiny:
+        from tiny_models import build_tiny_model_dir
+
+        args.base = build_tiny_model_dir(os.path.join(args.workdir, "tiny-base"))
     adapter_dir = os.path.join(args.workdir, "adapter")
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        print(f"trained adapter in {train_adapter(args.base, adapter_dir, args.steps, args.lr):.0f}s")
+        print(f"made the adapter in {train_adapter(args.base, adapter_dir, args):.0f}s")
     context_figures(adapter_dir)
     rows = []
     for merge_base in ("dequantized", "original"):
         for dtype in args.dtypes.split(","):
             out = os.path.join(args.workdir, f"merged-{merge_base}-{dtype}")
-            report = merge_adapter(adapter_dir, out, merge_base=merge_base, dtype=dtype, overwrite=True)
+            report = merge_adapter(
+                adapter_dir, out, merge_base=merge_base, dtype=dtype, device=args.device, overwrite=True
+            )
             print(report.summary())
             p, t = report.parity, report.parity_vs_trained
             rows.append(

@@ -353,3 +353,21 @@ def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys):
     assert "PASSED" in capsys.readouterr().out and (tmp_path / "out" / "config.json").exists()
     assert main(argv) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ---- GPU: the same merge with bitsandbytes' CUDA kernels ----
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("merge_base", ["dequantized", "original"])
+def test_merge_on_cuda(qlora_adapter, tiny_llama_dir, tmp_path, merge_base):
+    from emo_calibrate import merge_adapter
+
+    report = merge_adapter(qlora_adapter, tmp_path / "out", merge_base=merge_base, dtype="float32", device="cuda")
+    assert report.passed and report.parity.mean_kl < 1e-6
+    if merge_base == "dequantized":  # CUDA's NF4 codes reproduce the 4-bit model run on CUDA
+        assert report.parity_vs_trained.mean_kl < 1e-6
+    reference = _reference_logits(merge_base, tiny_llama_dir, qlora_adapter)  # adapter model on CPU
+    probabilities = _logits(_load(tmp_path / "out")).softmax(-1)
+    torch.testing.assert_close(probabilities, reference.softmax(-1), atol=1e-2, rtol=0)
