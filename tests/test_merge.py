@@ -25,7 +25,8 @@ def _load(path, quantized=False, dtype=torch.float32):
     from emo_calibrate.quantization import disable_cpu_4bit_repacking
 
     kwargs = {"quantization_config": nf4_config()} if quantized else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    # device_map: with a GPU visible, bitsandbytes would otherwise place the 4-bit model on it.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **kwargs)
     disable_cpu_4bit_repacking(model)
     return model
 

@@ -40,7 +40,10 @@ def wide_tiny_dir(tmp_path_factory):
 def _load_4bit(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), dtype=torch.float32)
+    # device_map: with a GPU visible, bitsandbytes would otherwise place the model on it.
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=nf4_config(), dtype=torch.float32, device_map="cpu"
+    )
 
 
 def _dequantized_weights(model) -> dict:
