@@ -12,6 +12,7 @@ quantised during training, so the merge can rebuild exactly the weights the adap
 """
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -23,6 +24,8 @@ __all__ = [
     "load_quantization_record",
     "save_quantization_record",
 ]
+
+logger = logging.getLogger(__name__)
 
 QUANTIZATION_RECORD_NAME = "quantization_config.json"
 
@@ -49,6 +52,8 @@ def disable_cpu_4bit_repacking(model) -> int:
             # Read in Linear4bit.forward: the repack only happens while this flag is True.
             module.support_avx512bf16_for_cpu = False
             count += 1
+    if count:
+        logger.debug("Disabled the bitsandbytes CPU repacking on %d 4-bit layers.", count)
     return count
 
 
