@@ -182,6 +182,7 @@ def merge_adapter(
                 report,
             )
         _write_card_and_report(tmp, report)
+        _make_readable(tmp)
         _replace_dir(tmp, plan.output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,6 +329,17 @@ def _write_card_and_report(folder: str, report: MergeReport) -> None:
         json.dump(report.to_dict(), f, indent=2, default=str)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(report))
+
+
+def _make_readable(folder: str) -> None:
+    """mkdtemp (and some writers) create private files; a model folder is read by servers, like any checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 def _replace_dir(tmp: str, output_dir: str) -> None:

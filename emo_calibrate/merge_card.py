@@ -1,6 +1,7 @@
 """The model card (`README.md`) written next to a merged model."""
 
 import json
+import os
 
 
 __all__ = ["model_card"]
@@ -33,7 +34,7 @@ def model_card(report) -> str:
         "tags: [emo_calibrate, emo, merged-lora]",
         "---",
         "",
-        f"# {report.base_model} calibrated with EMO (merged)",
+        f"# {os.path.basename(report.base_model.rstrip('/')) or report.base_model} + EMO adapter (merged)",
         "",
         "A plain `transformers` checkpoint: a LoRA adapter trained with emo_calibrate (EMO, Earth Mover Distance "
         "Optimization, Ren et al., ICLR 2024) merged into its base model. It needs neither PEFT nor bitsandbytes.",

@@ -55,7 +55,8 @@ class MergePlan:
         if self.quantization_config is None:
             return None
         keys = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
-        out = {k: str(getattr(self.quantization_config, k)).removeprefix("torch.") for k in keys}
+        out = {k: getattr(self.quantization_config, k) for k in keys}
+        out = {k: str(v).removeprefix("torch.") if not isinstance(v, bool | str) else v for k, v in out.items()}
         out["load_dtype"] = str(self.quantized_load_dtype).removeprefix("torch.")
         return out
 
@@ -176,9 +177,10 @@ def _quantization_settings(adapter_path, base_config, merge_base, dtype, quant_t
         load_dtype = settings.pop("_load_dtype", None)
     elif isinstance(init_kwargs.get("quantization_config"), dict):
         settings, source = dict(init_kwargs["quantization_config"]), "training arguments (model_init_kwargs)"
-        load_dtype = init_kwargs.get("dtype")
     else:
         settings, source = {"load_in_4bit": True, **DEFAULT_4BIT, "bnb_4bit_compute_dtype": dtype}, "defaults"
+    # The load dtype decides the 4-bit codes of a float32 checkpoint (weights are rounded before quantisation).
+    load_dtype = load_dtype or init_kwargs.get("dtype")
     if not (settings.get("load_in_4bit") or settings.get("_load_in_4bit")):
         raise ValueError(
             f"the adapter was trained on a base quantised as {settings} (not bitsandbytes 4-bit); use merge_base="

@@ -1,11 +1,11 @@
 """Measure merge parity on a real model: train a small QLoRA adapter, merge it every way, print a Markdown table.
 
-    PYTHONPATH=. python scripts/merge_parity_demo.py --base /path/to/smollm2-safetensors --workdir /tmp/merge-demo
+    PYTHONPATH=. python scripts/merge_parity_demo.py --workdir /tmp/merge-demo   # SmolLM2-135M
     PYTHONPATH=.:tests python scripts/merge_parity_demo.py --tiny --workdir /tmp/merge-tiny --init random \
         --train_dtype float32
 
-`--base` is a plain transformers folder (config, safetensors, tokenizer), e.g. SmolLM2-135M converted from its GGUF
-(docs/offline-assets.md); `--tiny` builds the test suite's tiny Llama instead. The adapter is LoRA on all linear layers
+`--base` is a plain transformers folder (config, safetensors, tokenizer), by default SmolLM2-135M from
+`emo_calibrate.assets.smollm2_path()`; `--tiny` builds the test suite's tiny Llama instead. The adapter is LoRA on all linear layers
 of the NF4 + double-quant base loaded and computing in `--train_dtype` (bf16 by default, as a GPU QLoRA run would use):
 `--init trained` trains it for `--steps` AdamW steps with a plain torch loop so that B != 0; `--init random` uses
 PEFT's `init_lora_weights=False` instead. Nothing here goes into the package; the figures go to docs/merge.md.
@@ -94,7 +94,7 @@ def context_figures(adapter_dir: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", help="plain transformers model folder")
+    parser.add_argument("--base", help="plain transformers model folder (default: SmolLM2-135M, emo_calibrate.assets)")
     parser.add_argument("--tiny", action="store_true", help="build and use the tests' tiny Llama")
     parser.add_argument("--init", choices=["trained", "random"], default="trained")
     parser.add_argument("--train_dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -115,6 +115,10 @@ def main():
         from tiny_models import build_tiny_model_dir
 
         args.base = build_tiny_model_dir(os.path.join(args.workdir, "tiny-base"))
+    elif args.base is None:
+        from emo_calibrate.assets import smollm2_path
+
+        args.base = str(smollm2_path())
     adapter_dir = os.path.join(args.workdir, "adapter")
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         print(f"made the adapter in {train_adapter(args.base, adapter_dir, args):.0f}s")

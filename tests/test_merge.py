@@ -135,6 +135,10 @@ def test_output_is_a_plain_model_folder(merged_dirs):
         assert f"`{merge_base}`" in card and f"{report.parity.mean_kl:.3g}" in card and report.base_model in card
         assert json.loads((path / "merge_report.json").read_text())["parity"]["mean_kl"] == report.parity.mean_kl
         assert not [f for f in os.listdir(path.parent) if f.startswith(".")]  # no stray temp folders
+        umask = os.umask(0)
+        os.umask(umask)
+        assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
+        assert report.quantization["bnb_4bit_use_double_quant"] is True
 
 
 def test_reload_from_disk_is_identical_to_the_in_memory_merge(merged_dirs, tiny_llama_dir, qlora_adapter):
@@ -332,6 +336,27 @@ def test_emo_settings_and_training_quantization_reach_the_report(qlora_adapter, 
     assert "`emo_weighting`: emo_anchored" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_4bit_settings_fall_back_to_defaults_and_the_training_load_dtype(qlora_adapter, tmp_path):
+    import shutil
+
+    from test_training_record import FakeEMOArgs
+
+    from emo_calibrate.merge_plan import make_merge_plan
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qlora_adapter, adapter)
+    os.remove(adapter / "quantization_config.json")
+    plan = make_merge_plan(adapter, tmp_path / "out", dtype="bfloat16")
+    assert plan.quantization_source == "defaults" and plan.quantized_load_dtype == torch.bfloat16
+    assert plan.quantization_config.bnb_4bit_quant_type == "nf4" and plan.quantization_config.bnb_4bit_use_double_quant
+    args = FakeEMOArgs()
+    args.model_init_kwargs = {"dtype": "float32"}  # as EMOTrainer(model=<id>, quantization_config=...) records it
+    torch.save(args, adapter / "training_args.bin")
+    plan = make_merge_plan(adapter, tmp_path / "out", dtype="bfloat16", bnb_4bit_use_double_quant=False)
+    assert plan.quantized_load_dtype == torch.float32 and not plan.quantization_config.bnb_4bit_use_double_quant
+    assert plan.quantization_source == "defaults + overrides"
+
+
 # ---- CLI ----
 
 
@@ -372,3 +397,35 @@ def test_merge_on_cuda(qlora_adapter, tiny_llama_dir, tmp_path, merge_base):
     reference = _reference_logits(merge_base, tiny_llama_dir, qlora_adapter)  # adapter model on CPU
     probabilities = _logits(_load(tmp_path / "out")).softmax(-1)
     torch.testing.assert_close(probabilities, reference.softmax(-1), atol=1e-2, rtol=0)
+
+
+# ---- the real demo model ----
+
+
+@pytest.mark.slow
+def test_real_demo_model(tmp_path):
+    """SmolLM2-135M: a LoRA with small random B on its NF4 base, merged with the defaults (dequantized, bf16)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from emo_calibrate import merge_adapter
+    from emo_calibrate.assets import smollm2_path
+    from emo_calibrate.quantization import save_quantization_record
+
+    base = str(smollm2_path())
+    model = get_peft_model(_load(base, quantized=True), LoraConfig(r=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "adapter")
+    save_quantization_record(model, tmp_path / "adapter")
+    del model
+
+    report = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert report.passed and report.merge_base == "dequantized" and report.dtype == "bfloat16"
+    assert report.vocab_size == 49152 and report.parity.num_positions > 50
+    assert report.parity_vs_trained.mean_kl < 1e-2  # bf16 rounding only: the same function as trained
+    merged = _load(tmp_path / "merged", dtype=torch.bfloat16)
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()  # still tied
