@@ -220,6 +220,14 @@ def test_refuses_a_folder_without_adapter(tiny_llama_dir, tmp_path):
         merge_adapter(tiny_llama_dir, tmp_path / "out")
 
 
+def test_refuses_to_write_over_the_adapter(qlora_adapter):
+    from emo_calibrate import merge_adapter
+
+    with pytest.raises(ValueError, match="would replace the adapter folder"):
+        merge_adapter(qlora_adapter, qlora_adapter, overwrite=True)
+    assert os.path.isfile(os.path.join(qlora_adapter, "adapter_config.json"))
+
+
 def test_refuses_a_base_with_another_vocabulary(qlora_adapter, tmp_path):
     from tiny_models import build_tiny_model, build_tokenizer
 
@@ -262,6 +270,20 @@ def test_refuses_a_quantised_base_checkpoint(qlora_adapter, tiny_llama_dir, tmp_
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="base checkpoint is quantised"):
         merge_adapter(qlora_adapter, tmp_path / "out", model_name_or_path=str(base), merge_base=merge_base)
+
+
+def test_a_base_saved_in_4bit_is_used_as_is_by_dequantized_only(qlora_adapter, tiny_llama_dir, tmp_path):
+    from tiny_models import build_tokenizer
+
+    from emo_calibrate import merge_adapter
+
+    base4 = tmp_path / "base-4bit"
+    _load(tiny_llama_dir, quantized=True).save_pretrained(base4)
+    build_tokenizer().save_pretrained(base4)
+    report = merge_adapter(qlora_adapter, tmp_path / "out", model_name_or_path=str(base4), dtype="float32")
+    assert report.quantization_source.startswith("base checkpoint") and report.parity_vs_trained.mean_kl < 1e-8
+    with pytest.raises(ValueError, match="base checkpoint is quantised"):
+        merge_adapter(qlora_adapter, tmp_path / "out2", model_name_or_path=str(base4), merge_base="original")
 
 
 # ---- atomicity and the parity gate ----
@@ -374,9 +396,12 @@ def test_cli_help(capsys):
 def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys):
     from emo_calibrate.cli.main import main
 
-    argv = ["merge", "--adapter_path", qlora_adapter, "--output_dir", str(tmp_path / "out"), "--dtype", "float32"]
-    assert main(argv) == 0
-    assert "PASSED" in capsys.readouterr().out and (tmp_path / "out" / "config.json").exists()
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"adapter_path: {qlora_adapter}\noutput_dir: {tmp_path / 'out'}\ndtype: bfloat16\n")
+    assert main(["merge", "--config", str(config), "--dtype", "float32"]) == 0  # the command line wins
+    assert "PASSED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    argv = ["merge", "--adapter_path", qlora_adapter, "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "not empty" in capsys.readouterr().err
 

@@ -54,22 +54,22 @@ class MergeArguments:
     )
     parity_max_abs_logit_diff: float | None = field(
         default=None,
-        metadata={"help": "Parity tolerance on the max absolute logit difference (default: per dtype)."},
+        metadata={"help": "Parity tolerance on the max absolute logit difference; None: the dtype's (docs/merge.md)."},
     )
     parity_mean_kl: float | None = field(
         default=None,
-        metadata={"help": "Parity tolerance on the mean KL of next-token distributions, nats (default: per dtype)."},
+        metadata={"help": "Parity tolerance on the mean KL of next-token distributions (nats); None: the dtype's."},
     )
     bnb_4bit_quant_type: str | None = field(
         default=None,
         metadata={
-            "help": "Override the 4-bit type used in training (default: the adapter's record, else nf4).",
+            "help": "Override the 4-bit type used in training. None: the adapter's record, else nf4.",
             "choices": ["nf4", "fp4"],
         },
     )
     bnb_4bit_use_double_quant: bool | None = field(
         default=None,
-        metadata={"help": "Override double quantisation used in training (default: the adapter's record, else true)."},
+        metadata={"help": "Override double quantisation used in training. None: the adapter's record, else true."},
     )
     max_shard_size: str = field(default="5GB", metadata={"help": "Maximum size of one safetensors shard."})
 
