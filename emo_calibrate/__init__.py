@@ -25,6 +25,7 @@ _LAZY = {
     "run_lm_eval": "emo_calibrate.evaluation.lm_eval_adapter",
     "TrainingInterrupted": "emo_calibrate.callbacks",
     "NonFiniteTrainingError": "emo_calibrate.callbacks",
+    "merge_adapter": "emo_calibrate.merge",
 }
 
 __all__ = sorted(_LAZY)
