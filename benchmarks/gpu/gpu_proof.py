@@ -95,24 +95,10 @@ def environment(device) -> dict:
     return {"device": name, "device_memory_gib": total, "versions": versions, "python": platform.python_version()}
 
 
-def bitsandbytes_problem(device: str) -> str | None:
-    """None if bitsandbytes' 4-bit kernels work on `device` (a small NF4 round trip), else what went wrong."""
-    import torch
-
-    try:
-        import bitsandbytes.functional as bnbf
-
-        x = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
-        packed, state = bnbf.quantize_4bit(x, quant_type="nf4")
-        error = ((bnbf.dequantize_4bit(packed, state).float() - x.float()).norm() / x.float().norm()).item()
-        return None if error < 0.2 else f"NF4 round trip error {error:.3f}"
-    except Exception as error:  # noqa: BLE001 - any failure means no 4-bit here
-        return f"{type(error).__name__}: {error}"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+    from proof_checks import bitsandbytes_problem, nf4_cpu_vs_cuda
     from proof_merge import merge_check
     from proof_report import write_results
     from proof_setup import build_random_model, build_tokenizer, free_memory, random_token_dataset
@@ -138,6 +124,9 @@ def main(argv=None) -> int:
         "runs": [],
     }
     log(f"{results['device']}; {results['versions']}; out={args.out}")
+    if device == "cuda" and quantize:
+        results["nf4_cpu_vs_cuda"] = nf4_cpu_vs_cuda()
+        log(f"NF4 codes, CPU vs CUDA: {results['nf4_cpu_vs_cuda']}")
     write_results(results, args.out)
     tokenizer = build_tokenizer()
 

@@ -104,6 +104,8 @@ def markdown(results: dict) -> str:
                 f"{_fmt(p.get('max_abs_logit_diff'), '.2e')}, top-1 agreement {_fmt(p.get('top1_agreement'), '.4f')}, "
                 f"adapter effect (max |softmax change| vs the base) {_fmt(p.get('adapter_effect'), '.2e')}"
             )
+    if results.get("nf4_cpu_vs_cuda"):
+        lines += ["", f"NF4 codes of one bf16 weight quantised on CPU vs CUDA: {results['nf4_cpu_vs_cuda']}"]
     skipped = [r for r in results["runs"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"{r['model']} b{r['batch_size']} {r['trainer']}: "
