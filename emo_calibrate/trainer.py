@@ -21,7 +21,7 @@ from .cost_embedding import load_cost_embedding
 from .fused import fused_head_unsupported_reason, fused_linear_emo_loss
 from .guard import CalibrationGuard
 from .loss import emo_loss
-from .quantization import disable_cpu_4bit_repacking
+from .quantization import disable_cpu_4bit_repacking, save_quantization_record
 from .validation import validate_prepared_trainer, validate_trainer_inputs
 
 
@@ -265,6 +265,9 @@ class EMOTrainer(SFTTrainer):
     def save_model(self, output_dir=None, _internal_call=False):
         assert_finite_weights(self.model)
         super().save_model(output_dir, _internal_call)
+        # How the base was quantised, next to the adapter: `emo-calibrate merge` rebuilds exactly these 4-bit weights.
+        if self.args.should_save:
+            save_quantization_record(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
