@@ -14,6 +14,15 @@ _LAZY = {
     "EMOLossOutput": "emo_calibrate.loss",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "build_calibration_set": "emo_calibrate.data",
+    "load_calibration_set": "emo_calibrate.data",
+    "CalibrationGuard": "emo_calibrate.guard",
+    "EvalArguments": "emo_calibrate.evaluation.arguments",
+    "run_evaluation": "emo_calibrate.evaluation.runner",
+    "evaluate_perplexity": "emo_calibrate.evaluation.perplexity",
+    "evaluate_calibration": "emo_calibrate.evaluation.calibration",
+    "evaluate_generation": "emo_calibrate.evaluation.generation",
+    "run_lm_eval": "emo_calibrate.evaluation.lm_eval_adapter",
 }
 
 __all__ = sorted(_LAZY)

@@ -16,6 +16,7 @@ from trl import SFTTrainer
 from .config import EMOConfig
 from .cost_embedding import load_cost_embedding
 from .fused import fused_head_unsupported_reason, fused_linear_emo_loss
+from .guard import CalibrationGuard
 from .loss import emo_loss
 from .quantization import disable_cpu_4bit_repacking
 
@@ -88,6 +89,10 @@ class EMOTrainer(SFTTrainer):
         self._emo_cost = self._resolve_cost_embedding()
         self._fused_reason = self._fused_head_check()
         self._fused_verified = False
+        # Calibration guard (guard.py): with an eval set, held-out perplexity is compared with the starting model's.
+        if self.eval_dataset is not None and self.args.eval_strategy != "no" and self.args.emo_guard_max_ppl_ratio:
+            self.args.eval_on_start = True
+            self.add_callback(CalibrationGuard(self.args.emo_guard_max_ppl_ratio, stop=self.args.emo_guard_stop))
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 

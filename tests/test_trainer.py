@@ -197,3 +197,23 @@ def test_plain_sft_config_is_converted(tiny_llama_dir, tmp_path, tiny_dataset):
     trainer = EMOTrainer(tiny_llama_dir, args=sft, train_dataset=tiny_dataset, peft_config=lora())
     assert isinstance(trainer.args, EMOConfig)
     assert trainer.args.learning_rate == 1e-3 and trainer.args.emo_weighting == "emo_anchored"
+
+
+def test_moe_router_aux_loss_is_added_and_logged(tmp_path, tiny_dataset):
+    from tiny_models import build_tokenizer
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+        output_router_logits=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    trainer = EMOTrainer(model, args=make_args(tmp_path, max_steps=2), train_dataset=tiny_dataset,
+                         processing_class=build_tokenizer())  # fmt: skip
+    assert trainer.aux_loss_enabled
+    trainer.train()
+    for log in [h for h in trainer.state.log_history if "loss" in h]:
+        assert log["aux_loss"] > 0
+        assert log["loss"] == pytest.approx(2 * log["emo"] + 0.02 * log["aux_loss"], rel=1e-4)
