@@ -160,6 +160,22 @@ def test_saved_dataset_with_test_split_reports_exact_perplexity(tmp_path, tiny_l
     assert summary["ppl_after"] != pytest.approx(summary["ppl_before"], rel=1e-3)  # training changed the model
 
 
+def test_train_consumes_a_set_built_by_emo_calibrate_data(tmp_path, tiny_llama_dir):
+    from tiny_models import SENTENCES
+
+    from emo_calibrate.data import build_calibration_set
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for doc in range(6):  # 6 documents of 8 sentences; whole documents are held out
+        words = [s.split() for s in SENTENCES]
+        text = " ".join(" ".join(w[doc:] + w[:doc]).capitalize() + "." for w in words)
+        (corpus / f"doc{doc}.txt").write_text(text + "\n")
+    folder = build_calibration_set(str(corpus), tmp_path / "set", num_sentences=30, test_size=8, allow_fewer=True)
+    summary = cli_train.main(*cli_train.parse(tiny_args(tiny_llama_dir, folder, tmp_path / "run", "--max_steps", "1")))
+    assert summary["eval_rows"] > 0 and summary["ppl_before"] > 1
+
+
 def test_model_init_kwargs_come_from_model_config(tmp_path):
     _, training_args, model_args, _, _ = cli_train.parse(
         ["--dtype", "bfloat16", "--attn_implementation", "eager", "--model_revision", "v1", "--load_in_4bit"]
@@ -170,6 +186,24 @@ def test_model_init_kwargs_come_from_model_config(tmp_path):
 
     quant = get_quantization_config(model_args)
     assert quant.load_in_4bit and quant.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "env, device_map",
+    [({}, {"": 1}), ({"ACCELERATE_USE_FSDP": "true"}, None), ({"ACCELERATE_USE_DEEPSPEED": "true"}, None)],
+)
+def test_device_map_under_several_gpus(monkeypatch, env, device_map):
+    """DDP: a whole model on each process's own GPU; FSDP / DeepSpeed: no device_map (the wrapper shards)."""
+    import types
+
+    import accelerate
+
+    state = types.SimpleNamespace(num_processes=2, local_process_index=1, device=torch.device("cuda", 1))
+    _, training_args, model_args, _, _ = cli_train.parse([])
+    monkeypatch.setattr(accelerate, "PartialState", lambda: state)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli_train.model_init_kwargs(model_args, training_args)["device_map"] == device_map
 
 
 @pytest.mark.parametrize(

