@@ -262,7 +262,7 @@ def _last_train_metrics(trainer) -> dict:
 
 def _print_summary(summary: dict):
     lines = ["", "=" * 100, "emo-calibrate train: done"]
-    lines.append(f"  adapter written to   {summary['output_dir']}")
+    lines.append(f"  {summary['saved']:<20} {summary['output_dir']}")
     last = summary.get("last")
     if last:
         lines.append(
@@ -347,6 +347,7 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
     summary = dict(
         trainer=trainer,
         output_dir=os.path.abspath(training_args.output_dir),
+        saved="adapter written to" if model_args.use_peft else "model written to",
         last=_last_train_metrics(trainer),
         ppl_before=ppl_before,
         ppl_after=ppl_after,
