@@ -366,7 +366,12 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
 def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="[%(name)s] %(message)s", level=logging.WARNING)
-    logging.getLogger("emo_calibrate").setLevel(logging.INFO)
-    script_args, training_args, model_args, options, uses_demo_recipe = parse(argv)
-    main(script_args, training_args, model_args, options, uses_demo_recipe)
+    package_logger = logging.getLogger("emo_calibrate")  # our INFO lines (asset downloads, EMO set-up) are shown
+    previous_level = package_logger.level
+    package_logger.setLevel(logging.INFO)
+    try:
+        script_args, training_args, model_args, options, uses_demo_recipe = parse(argv)
+        main(script_args, training_args, model_args, options, uses_demo_recipe)
+    finally:  # leave the caller's logging as it was (run() is also called in-process)
+        package_logger.setLevel(previous_level)
     return 0
