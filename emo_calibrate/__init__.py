@@ -23,6 +23,9 @@ _LAZY = {
     "evaluate_calibration": "emo_calibrate.evaluation.calibration",
     "evaluate_generation": "emo_calibrate.evaluation.generation",
     "run_lm_eval": "emo_calibrate.evaluation.lm_eval_adapter",
+    "TrainingInterrupted": "emo_calibrate.callbacks",
+    "NonFiniteTrainingError": "emo_calibrate.callbacks",
+    "merge_adapter": "emo_calibrate.merge",
 }
 
 __all__ = sorted(_LAZY)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .validation import check_mixed_precision_request
+
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,14 @@ class EMOConfig(SFTConfig):
         lower-is-better).
     emo_guard_stop (`bool`, *optional*, defaults to `False`):
         Stop training at the first evaluation whose ratio exceeds `emo_guard_max_ppl_ratio`.
+
+    > Parameters that keep a run safe
+
+    emo_max_nonfinite_steps (`int`, *optional*, defaults to `10`):
+        An optimizer step whose loss or gradient norm is NaN/inf (fp16 overflow, a bad batch) is skipped: its gradients
+        are dropped, the weights and optimizer state stay as they were, and the total is logged as `nonfinite_steps`.
+        After this many such steps in a row, training saves a checkpoint and stops with an error. `0` stops at the
+        first one.
     """
 
     emo_weighting: str = field(
@@ -120,6 +130,16 @@ class EMOConfig(SFTConfig):
         metadata={"help": "Stop training at the first evaluation whose perplexity ratio exceeds the guard's bound."},
     )
 
+    # ---- reliability (issue 7) ----
+    emo_max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Optimizer steps with a NaN/inf loss or gradient norm are skipped (and counted in the logged "
+            "'nonfinite_steps'); after this many in a row, training saves a checkpoint and stops with an error. "
+            "0 stops at the first one."
+        },
+    )
+
     def __post_init__(self):
         # The guard's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
         # "loss": set the direction unless the user did.
@@ -131,6 +151,7 @@ class EMOConfig(SFTConfig):
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not _has_accelerator():
             logger.info("No GPU found: training in float32 (set bf16=True with use_cpu=True for CPU autocast).")
             self.bf16 = False
+        check_mixed_precision_request(self)  # a clearer message than TrainingArguments' for bf16 without support
         super().__post_init__()
 
         if self.emo_weighting not in WEIGHTING_CHOICES:
@@ -160,3 +181,8 @@ class EMOConfig(SFTConfig):
             )
         if self.emo_chunk_size is not None and self.emo_chunk_size < 1:
             raise ValueError(f"emo_chunk_size must be a positive number of tokens, got {self.emo_chunk_size}.")
+        if self.emo_max_nonfinite_steps < 0:
+            raise ValueError(
+                f"emo_max_nonfinite_steps must be >= 0 (0 stops at the first NaN/inf step), got "
+                f"{self.emo_max_nonfinite_steps}."
+            )

@@ -7,18 +7,23 @@ completion-only masking, checkpoints, logging) is SFTTrainer's own.
 import dataclasses
 import inspect
 import logging
+import os
 import textwrap
 
 import torch
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from .callbacks import NonFiniteGuard, StopController
+from .checkpointing import assert_finite_weights, restore_emo_state, save_emo_state
 from .config import EMOConfig
 from .cost_embedding import load_cost_embedding
 from .fused import fused_head_unsupported_reason, fused_linear_emo_loss
 from .guard import CalibrationGuard
 from .loss import emo_loss
-from .quantization import disable_cpu_4bit_repacking
+from .quantization import disable_cpu_4bit_repacking, save_quantization_record
+from .validation import validate_prepared_trainer, validate_trainer_inputs
 
 
 logger = logging.getLogger(__name__)
@@ -78,6 +83,8 @@ class EMOTrainer(SFTTrainer):
 
     def __init__(self, model, args=None, *pargs, **kwargs):
         args = _as_emo_config(model, args)
+        # Bad input fails here, with one clear message, before the model is loaded (see validation.py).
+        kwargs = validate_trainer_inputs(model, args, pargs, kwargs)
         super().__init__(model, args, *pargs, **kwargs)
         # bitsandbytes' CPU fast path breaks gradients and merges after any eval forward (see quantization.py).
         disable_cpu_4bit_repacking(self.model)
@@ -89,6 +96,13 @@ class EMOTrainer(SFTTrainer):
         self._emo_cost = self._resolve_cost_embedding()
         self._fused_reason = self._fused_head_check()
         self._fused_verified = False
+        # Reliability: tokenized data and disk space are checked before the first step; NaN/inf updates are skipped;
+        # SIGTERM / Ctrl-C stop with a checkpoint.
+        validate_prepared_trainer(self)
+        self._stop = StopController()
+        self._nonfinite_guard = NonFiniteGuard(self, self._stop, self.args.emo_max_nonfinite_steps)
+        self.add_callback(self._stop)
+        self.add_callback(self._nonfinite_guard)
         # Calibration guard (guard.py): with an eval set, held-out perplexity is compared with the starting model's.
         if self.eval_dataset is not None and self.args.eval_strategy != "no" and self.args.emo_guard_max_ppl_ratio:
             self.args.eval_on_start = True
@@ -258,6 +272,33 @@ class EMOTrainer(SFTTrainer):
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # ---- reliability: exact resume, a checkpoint on SIGTERM / Ctrl-C, never a NaN update nor a NaN save ----
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # What the Trainer's checkpoint lacks (the pre-training cost embedding, counters) is restored first.
+        resume_from_checkpoint = restore_emo_state(self, resume_from_checkpoint)
+        with self._stop.catch_signals():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._stop.raise_if_stopped(self.state)  # a stopped run must not look finished to the caller
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_guard.observe_loss(loss)
+        return loss
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        assert_finite_weights(self.model)
+        super().save_model(output_dir, _internal_call)
+        # How the base was quantised, next to the adapter: `emo-calibrate merge` rebuilds exactly these 4-bit weights.
+        if self.args.should_save:
+            save_quantization_record(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        save_emo_state(self, folder)
 
 
 def _as_emo_config(model, args) -> EMOConfig:

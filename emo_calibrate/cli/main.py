@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "data": ("emo_calibrate.cli.data", "Build a calibration set (~25k sentences, manifest) from a text source."),
     "eval": ("emo_calibrate.cli.eval", "Compare models on held-out text: perplexity, calibration, MAUVE, lm-eval."),
+    "merge": ("emo_calibrate.cli.merge", "Merge an adapter into its base model for deployment (verified, atomic)."),
 }
 
 USAGE = """usage: emo-calibrate <command> [options]
