@@ -11,6 +11,7 @@ import os
 import textwrap
 
 import torch
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
@@ -87,6 +88,10 @@ class EMOTrainer(SFTTrainer):
         super().__init__(model, args, *pargs, **kwargs)
         # bitsandbytes' CPU fast path breaks gradients and merges after any eval forward (see quantization.py).
         disable_cpu_4bit_repacking(self.model)
+        # DeepSpeed ZeRO-3 partitions every parameter, the head too: outside the model's own forward its weight is an
+        # empty placeholder. The cost embedding is then a copy gathered once, and the loss takes the reference path
+        # (the model's forward gathers the head for the logits).
+        self._zero3 = is_deepspeed_zero3_enabled()
         self._check_vocabulary()
         self._emo_cost = self._resolve_cost_embedding()
         self._fused_reason = self._fused_head_check()
@@ -111,8 +116,17 @@ class EMOTrainer(SFTTrainer):
         # FSDP2 shards parameters as DTensors; the head is used whole.
         return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
+    def _gathered_output_weight(self) -> torch.Tensor:
+        """A (V, d) copy of the head gathered from its ZeRO-3 partitions (a collective: every process calls it)."""
+        import deepspeed
+
+        weight = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight.detach().clone()
+
     def _check_vocabulary(self):
-        rows = self._output_weight().shape[0]
+        weight = self._output_weight()
+        rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps the full shape in ds_shape
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer is not None and len(tokenizer) > rows:
             raise ValueError(
@@ -125,14 +139,22 @@ class EMOTrainer(SFTTrainer):
         """The cost embedding, or None when it is the live output embedding itself (read in place, detached)."""
         source = self.args.emo_cost_embedding
         weight = self._output_weight()
-        if source == "adaptive":
+        if self._zero3 and source == "adaptive":
+            raise ValueError(
+                "emo_cost_embedding='adaptive' reads the live head at every step, but DeepSpeed ZeRO-3 partitions it "
+                "across processes. Use 'frozen' (the default) or a file, or shard with ZeRO-2 or FSDP instead."
+            )
+        if self._zero3 and source == "frozen":
+            cost = self._gathered_output_weight()
+        elif source == "adaptive":
             cost = None
         elif source == "frozen":
             # A frozen head (LoRA, QLoRA) never changes, so it is read in place: no V x d copy. A trained head is
             # copied once, now, before the first update.
             cost = weight.detach().clone() if weight.requires_grad else None
         else:
-            cost = load_cost_embedding(source, vocab_size=weight.shape[0]).to(weight.device)
+            rows = getattr(weight, "ds_shape", weight.shape)[0]
+            cost = load_cost_embedding(source, vocab_size=rows).to(weight.device)
         logger.info(
             "EMO: weighting=%s, cost embedding=%s%s",
             self.args.emo_weighting,
@@ -144,6 +166,10 @@ class EMOTrainer(SFTTrainer):
     def _fused_head_check(self) -> str | None:
         if not self.args.emo_fused_head:
             return "emo_fused_head=False"
+        if self._zero3:
+            reason = "DeepSpeed ZeRO-3 partitions the head weight that the fused head reads outside the forward"
+            logger.warning("EMO: using the reference full-logits loss because %s.", reason)
+            return reason
         base = self.accelerator.unwrap_model(self.model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         reason = fused_head_unsupported_reason(base)
