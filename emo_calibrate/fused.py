@@ -163,7 +163,6 @@ def _emo_chunk(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad):
     mle = lse - z_y
     entropy = lse - _rowdot(q, buf)
     q_y = q.gather(1, y_col).squeeze(1)
-
     # The logits are consumed: the same buffer now holds the cosines C[t, v] = <ê_{y_t}, ê_v>.
     if cost is None:
         target_rows = (weight[y].float() * inv_norm[y].unsqueeze(1)).to(weight.dtype)
@@ -173,7 +172,8 @@ def _emo_chunk(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad):
     expected_cos = _rowdot(q, buf)  # <q, c>
     emo = 1.0 - expected_cos
     if opts["subtract_target_mass"]:
-        emo = emo + q_y
+        # + q_y c_y, the detached target mass; c_y = 1 except for an all-zero (padded) cost row, where it is 0.
+        emo = emo + q_y * buf.gather(1, y_col).squeeze(1)
     per_token, ratio = weight_per_token(mle, emo, opts["weighting"], opts["ratio_clamp"])
     stats = (per_token, mle, emo, ratio, entropy, argmax == y)
     if not need_grad:
@@ -270,7 +270,9 @@ def _check_inputs(hidden_states, weight, targets, cost_embedding, weighting, chu
     if weight.device != hidden_states.device:
         raise ValueError(f"weight is on {weight.device} but hidden_states on {hidden_states.device}: move one of them")
     if cost_embedding is not None and (
-        cost_embedding.dim() != 2 or cost_embedding.shape[0] != weight.shape[0] or not cost_embedding.is_floating_point()
+        cost_embedding.dim() != 2
+        or cost_embedding.shape[0] != weight.shape[0]
+        or not cost_embedding.is_floating_point()
     ):
         raise ValueError(
             f"cost_embedding must be a floating (V, d') matrix with V = {weight.shape[0]} rows (one per token of the "
@@ -398,7 +400,9 @@ def fused_head_unsupported_reason(model) -> str | None:
     except ImportError:  # peft is a dependency, but the check must not need it
         BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = ()
     if isinstance(head, BaseTunerLayer):
-        return "lm_head carries a PEFT adapter, which the fused head would bypass: remove 'lm_head' from target_modules"
+        return (
+            "lm_head carries a PEFT adapter, which the fused head would bypass: remove 'lm_head' from target_modules"
+        )
     if isinstance(head, AuxiliaryTrainingWrapper) and not isinstance(head, ModulesToSaveWrapper):
         return f"lm_head is wrapped by PEFT's {type(head).__name__}, whose forward is more than its weight"
     weight = getattr(head, "weight", None)
