@@ -66,8 +66,8 @@ class EMOLossOutput:
     num_tokens: torch.Tensor
 
 
-def normalize_cost_embedding(cost_embedding: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the rows of a (V, d') cost embedding, in fp32.
+def normalize_cost_embedding(cost_embedding: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L2-normalise the rows of a (V, d') cost embedding, in `dtype` (fp32 unless fp64 is asked for).
 
     An all-zero row (a padded vocabulary slot) stays zero instead of becoming NaN: such a token then costs 1 to reach
     from any other, and its cost to itself is 1 as well, which only matters if it is ever a target.
@@ -76,7 +76,7 @@ def normalize_cost_embedding(cost_embedding: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"cost_embedding must be a floating (V, d') matrix, got {tuple(cost_embedding.shape)} {cost_embedding.dtype}"
         )
-    return F.normalize(cost_embedding.detach().float(), dim=-1, eps=1e-12)
+    return F.normalize(cost_embedding.detach().to(dtype), dim=-1, eps=1e-12)
 
 
 def _emo_anchored(mle, emo, ratio_clamp):
@@ -135,7 +135,7 @@ def _check_inputs(logits, labels, cost_embedding, ignore_index):
 
 def _emo_on_flat_logits(z, targets, valid, cost_hat, weighting, ratio_clamp, subtract_target_mass):
     """Per-token mle, emo, objective and weight for flat (N, V) logits. Ignored positions give exactly 0."""
-    z = z.float()
+    z = z.to(cost_hat.dtype)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     log_q = torch.log_softmax(z, dim=-1)
     q = log_q.exp()
@@ -175,7 +175,7 @@ def emo_loss(
 
     Args:
         logits (`torch.Tensor` of shape `(batch, seq_len, vocab)`):
-            Next-token logits, any floating dtype. All maths runs in fp32.
+            Next-token logits, any floating dtype. The maths runs in fp32 (fp64 for fp64 inputs).
         labels (`torch.Tensor` of shape `(batch, seq_len)`):
             Token ids aligned with the inputs; position t+1 is the target of logits at t. `ignore_index` marks
             positions without a target (padding, prompts).
@@ -203,7 +203,9 @@ def emo_loss(
     z = logits[:, :-1, :].reshape(-1, vocab)
     targets = labels[:, 1:].reshape(-1).to(z.device)
     valid = targets != ignore_index
-    cost_hat = normalize_cost_embedding(cost_embedding).to(z.device)
+    # fp32 maths for fp32/bf16/fp16 logits (fp16 would underflow the official epsilons); fp64 stays fp64.
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    cost_hat = normalize_cost_embedding(cost_embedding, compute_dtype).to(z.device)
     per_token, mle, emo, ratio, entropy, correct = _emo_on_flat_logits(
         z, targets, valid, cost_hat, weighting, ratio_clamp, subtract_target_mass
     )

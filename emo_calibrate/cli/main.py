@@ -10,7 +10,10 @@ import sys
 
 # name -> (module, one-line summary shown by `emo-calibrate --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("emo_calibrate.cli.train", "Calibrate a model with EMO (LoRA / QLoRA) from a YAML recipe; no arguments runs the offline demo."),
+    "train": (
+        "emo_calibrate.cli.train",
+        "Calibrate a model with EMO (LoRA / QLoRA) from a YAML recipe; no arguments runs the offline demo.",
+    ),
 }
 
 USAGE = """usage: emo-calibrate <command> [options]
