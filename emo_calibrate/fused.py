@@ -42,15 +42,15 @@ FP32_BUFFERS_PER_TOKEN = 2
 MIN_CHUNK_BYTES = {"cpu": 32 * 2**20}
 MIN_CHUNK_BYTES_ACCELERATOR = 1 * 2**30
 MAX_CHUNK_BYTES = 2 * 2**30
-MIN_CHUNK_TOKENS = 8
-_ROWDOT_CPU_BYTES = 512 * 2**10
+MIN_CHUNK_TOKENS = 64  # fewer rows re-pack W too often (CPU, V=151936: 24-token chunks took 1.2x 48-token ones)
+_CPU_BLOCK_BYTES = 512 * 2**10
 
 # `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 inputs exists on CUDA only.
 _CUDA_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")
 
 
 def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_bytes: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk: two fp32 (n_c, V) buffers take about `hidden_bytes`, a multiple of 8, at most N.
+    """Tokens per chunk: two fp32 (n_c, V) buffers take about `hidden_bytes`, a multiple of 8, at least 64, at most N.
 
     The budget is bounded to [32 MiB, 2 GiB] on CPU and [1 GiB, 2 GiB] on accelerators (see the comment above).
 
@@ -120,12 +120,11 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
         return torch.mm(a, b, out=out)
     if _CUDA_OUT_DTYPE and out.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return out.copy_(torch.mm(a, b))  # CPU: low-precision GEMM (fp32 accumulation inside), rounded once
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
-    return _mm_into(a, b, out)
+    # CPU: low-precision GEMM (fp32 accumulation inside, output rounded once), in 4 row blocks to bound the temporary.
+    rows = max(1, -(-a.shape[0] // 4))
+    for start in range(0, a.shape[0], rows):
+        out[start : start + rows].copy_(torch.mm(a[start : start + rows], b))
+    return out
 
 
 def _addmm_fp32_(acc: torch.Tensor, a_low: torch.Tensor, a_fp32: torch.Tensor, b: torch.Tensor) -> None:
@@ -136,20 +135,46 @@ def _addmm_fp32_(acc: torch.Tensor, a_low: torch.Tensor, a_fp32: torch.Tensor, b
         acc.addmm_(a_fp32, b.float())
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of two (n, V) fp32 tensors, (n,), without an (n, V) temporary.
+def _row_blocks(n: int, vocab: int, device: torch.device) -> int:
+    """Rows per block for row-local passes: on CPU a block of fp32 rows fits in the L2 cache (a pass per block is
+    several times faster than one pass over the whole chunk); elsewhere four blocks, so few kernels are launched."""
+    if device.type == "cpu":
+        return max(1, _CPU_BLOCK_BYTES // (4 * vocab))
+    return max(1, -(-n // 4))
 
-    On CPU: row blocks whose product fits in the L2 cache (about 4x faster than bmm or one pass over all rows). On a
-    GPU: a batched GEMV, one kernel that reads each operand once.
-    """
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of two (n, V) fp32 tensors, (n,), without an (n, V) temporary."""
     n, vocab = a.shape
     if a.device.type != "cpu":
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(n)
-    rows = max(1, _ROWDOT_CPU_BYTES // (4 * vocab))
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(n)  # one batched GEMV
+    rows = _row_blocks(n, vocab, a.device)
     out = torch.empty(n, dtype=a.dtype, device=a.device)
     for start in range(0, n, rows):
         torch.sum(a[start : start + rows] * b[start : start + rows], dim=-1, out=out[start : start + rows])
     return out
+
+
+def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn (n, V) fp32 logits into q = softmax(z) IN PLACE, by row blocks; returns (lse, entropy, argmax), each (n,).
+
+    In place, so that the logits and the cosines can come from one stacked GEMM while only two (n, V) buffers exist.
+    """
+    n, vocab = z.shape
+    rows = _row_blocks(n, vocab, z.device)
+    lse = torch.empty(n, dtype=z.dtype, device=z.device)
+    entropy = torch.empty_like(lse)
+    argmax = torch.empty(n, dtype=torch.long, device=z.device)
+    for start in range(0, n, rows):
+        block = z[start : start + rows]
+        q = torch.softmax(block, dim=-1)
+        z_max, top = block.max(dim=-1)
+        argmax[start : start + rows] = top
+        # q at the arg-max is exp(z_max - lse) >= 1/V, so this lse is exact to fp32 rounding (no underflow).
+        lse[start : start + rows] = z_max - q.gather(1, top.unsqueeze(1)).squeeze(1).log()
+        entropy[start : start + rows] = lse[start : start + rows] - _rowdot(q, block)
+        block.copy_(q)
+    return lse, entropy, argmax
 
 
 def _gradient_coefficients(weighting: str, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,27 +198,29 @@ def _emo_chunk(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad):
             the normalised `weight` (rows scaled by `inv_norm`).
         inv_norm (`torch.Tensor` of shape `(V,)` or `None`): fp32 inverse row norms of `weight` when `cost` is None.
     """
+    n = h.shape[0]
     y_col = y.unsqueeze(1)
-    buf = _mm_fp32(h, weight.t())  # (n, V) logits
-    z_y = buf.gather(1, y_col).squeeze(1)
-    z_max, argmax = buf.max(dim=-1)
-    q = torch.softmax(buf, dim=-1)  # the second (n, V) buffer
-    # q at the arg-max is exp(z_max - lse) >= 1/V, so this lse is exact to fp32 rounding (no underflow).
-    lse = z_max - q.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
-    mle = lse - z_y
-    entropy = lse - _rowdot(q, buf)
-    q_y = q.gather(1, y_col).squeeze(1)
-    # The logits are consumed: the same buffer now holds the cosines C[t, v] = <ê_{y_t}, ê_v>.
+    # One (2n, V) fp32 buffer: rows [:n] the logits Z (then q), rows [n:] the cosines C[t, v] = <ê_{y_t}, ê_v> (then
+    # dZ). When the cost embedding is the head itself, one stacked GEMM [H; Ŵ[y]] W^T reads W once for both.
+    buf = torch.empty(2 * n, weight.shape[0], dtype=torch.float32, device=h.device)
+    z, c = buf[:n], buf[n:]
     if cost is None:
         target_rows = (weight[y].float() * inv_norm[y].unsqueeze(1)).to(weight.dtype)
-        _mm_into(target_rows, weight.t(), out=buf).mul_(inv_norm)
+        _mm_into(torch.cat([h, target_rows]), weight.t(), out=buf)
+        c.mul_(inv_norm)
     else:
-        _mm_into(cost[y], cost.t(), out=buf)
-    expected_cos = _rowdot(q, buf)  # <q, c>
+        _mm_into(h, weight.t(), out=z)
+        _mm_into(cost[y], cost.t(), out=c)
+    z_y = z.gather(1, y_col).squeeze(1)
+    lse, entropy, argmax = _softmax_(z)
+    q = z
+    mle = lse - z_y
+    q_y = q.gather(1, y_col).squeeze(1)
+    expected_cos = _rowdot(q, c)  # <q, c>
     emo = 1.0 - expected_cos
     if opts["subtract_target_mass"]:
         # + q_y c_y, the detached target mass; c_y = 1 except for an all-zero (padded) cost row, where it is 0.
-        emo = emo + q_y * buf.gather(1, y_col).squeeze(1)
+        emo = emo + q_y * c.gather(1, y_col).squeeze(1)
     per_token, ratio = weight_per_token(mle, emo, opts["weighting"], opts["ratio_clamp"])
     stats = (per_token, mle, emo, ratio, entropy, argmax == y)
     if not need_grad:
@@ -201,12 +228,12 @@ def _emo_chunk(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad):
 
     a, b = _gradient_coefficients(opts["weighting"], ratio)
     a, b = a * inv_normalizer, b * inv_normalizer
-    # dZ = a (q - onehot) - b q ⊙ (C - r) = q ⊙ ((a + b r) - b C) - a onehot, in place over C.
-    torch.addcmul((a + b * expected_cos).unsqueeze(1), buf, (-b).unsqueeze(1), out=buf)
-    buf.mul_(q)
-    del q
-    buf.scatter_add_(1, y_col, -a.unsqueeze(1))
-    return stats, buf
+    # dZ = a (q - onehot) - b q ⊙ (C - r) = q ⊙ ((a + b r) - b C) - a onehot, in place over C. The returned view
+    # keeps the whole (2n, V) buffer alive until the caller has used it.
+    torch.addcmul((a + b * expected_cos).unsqueeze(1), c, (-b).unsqueeze(1), out=c)
+    c.mul_(q)
+    c.scatter_add_(1, y_col, -a.unsqueeze(1))
+    return stats, c
 
 
 def _run_chunks(hidden, weight, targets, cost, inv_norm, opts, inv_normalizer, need_dh, need_dw):

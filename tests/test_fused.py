@@ -233,10 +233,11 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_auto_chunk_size_rule():
-    # Two fp32 (n, V) buffers ~ the hidden states' bytes, at least 32 MiB on CPU, a multiple of 8, never above N.
+    # Two fp32 (n, V) buffers ~ the hidden states' bytes, at least 32 MiB on CPU and 64 tokens, never above N.
     assert auto_chunk_size(4096, 32000, 4096 * 1024 * 4) == 128
     assert auto_chunk_size(16384, 128256, 16384 * 4096 * 2) == 128
-    assert auto_chunk_size(2048, 151936, 2048 * 896 * 4) == 8 * (32 * 2**20 // (8 * 151936) // 8)
+    assert auto_chunk_size(2048, 151936, 2048 * 896 * 4) == 64  # 32 MiB would be 27 tokens: at least 64
+    assert auto_chunk_size(2048, 49152, 2048 * 576 * 4) == 80
     assert auto_chunk_size(5, 32000, 5 * 64 * 4) == 5
     assert auto_chunk_size(0, 32000, 0) == 1
     # On a GPU the buffers get at least 1 GiB: small chunks leave the dH GEMM and the launches inefficient.
