@@ -11,14 +11,16 @@ Cases, all from the same hidden states H (N, d), a frozen output embedding W (V,
   trl_chunked     TRL 1.16's ChunkedLogProbFunction (SFTTrainer's default loss: vocabulary tiles, recompute in backward;
                   off-GPU it runs its torch fallback, not its Triton kernel)
 
-Method. On CPU each shape runs in one fresh subprocess, with glibc's malloc told to map every block above 64 KiB
-separately and unmap it on free (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors. The cases
-run interleaved, round after round (round 0 warms up and is not reported), so that load from other jobs on a shared
-machine falls on all cases alike. Time is the median over rounds of the process CPU time (one intra-op thread, so
-CPU time is compute time; wall time, reported too, swings with other jobs). Peak memory of a run is the kernel's
-resident high-water mark (VmHWM, reset through /proc/self/clear_refs just before the run) minus the resident size at
-that moment: everything the loss allocates, the returned gradient dH included; the maximum over rounds is reported.
-On CUDA: wall time with synchronisation, and max_memory_allocated growth.
+Method (CPU). Each shape runs in two fresh subprocesses, in which the cases run interleaved, round after round
+(round 0 warms up and is not reported), so that load from other jobs on a shared machine falls on all cases alike.
+  memory: glibc's malloc maps every block above 64 KiB separately and unmaps it on free (MALLOC_MMAP_THRESHOLD_), so
+          the resident set follows the live tensors. Peak = the kernel's resident high-water mark (VmHWM, reset
+          through /proc/self/clear_refs just before the run) minus the resident size at that moment: everything the
+          loss allocates, the returned gradient dH included. One measured round.
+  time:   default malloc (those settings would add page faults to every chunk). Median over rounds of the process
+          CPU time: one intra-op thread, so CPU time is compute time, while wall time (reported too) swings with
+          other jobs.
+On CUDA: one process, wall time with synchronisation, and max_memory_allocated growth.
 
     python benchmarks/bench_loss.py                    # the issue's three shapes, CPU fp32, 1 thread
     python benchmarks/bench_loss.py --shapes 1024x32000x1024 --reps 2
@@ -86,9 +88,14 @@ def make_chunked_ce():
             n = hidden.shape[0]
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             d_hidden = torch.empty_like(hidden)
+            workspace = torch.empty(min(n, chunk), weight.shape[0], dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 h, y = hidden[start : start + chunk], targets[start : start + chunk]
-                z = (h @ weight.t()).float()  # model-dtype GEMM, fp32 buffer
+                z = workspace[: h.shape[0]]  # one fp32 buffer reused by every chunk
+                if weight.dtype == torch.float32:
+                    torch.mm(h, weight.t(), out=z)
+                else:
+                    z.copy_(h @ weight.t())  # model-dtype GEMM
                 z_y = z.gather(1, y[:, None]).squeeze(1)
                 z_max = z.amax(-1, keepdim=True)
                 z.sub_(z_max).exp_()
@@ -97,7 +104,6 @@ def make_chunked_ce():
                 z.div_(total * n)  # softmax / N
                 z.scatter_add_(1, y[:, None], torch.full_like(z_y, -1.0 / n)[:, None])
                 d_hidden[start : start + chunk] = z.to(weight.dtype) @ weight
-                del z  # before the next chunk's GEMM allocates its buffer
             ctx.d_hidden = d_hidden
             return loss / n
 
@@ -206,6 +212,7 @@ def worker(cases, shape, reps, dtype_name, device, fused_chunk):
             continue
         wall, cpu, peak = zip(*runs[case])
         out[case] = {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "peak_mib": max(peak)}
+        out[case]["cpu_runs_s"] = [round(x, 3) for x in cpu]
     return out
 
 
@@ -250,17 +257,30 @@ def plan_cases(args, shape):
     return cases, skipped
 
 
-def run_shape(args, shape, cases):
-    if args.device == "cuda":
-        return worker(cases, shape, args.reps, args.dtype, "cuda", args.chunk_size)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+def run_worker(args, shape, cases, reps, memory):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if memory:  # every block above 64 KiB is its own mapping, unmapped on free: RSS follows the live tensors
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--worker", "--shapes", "x".join(map(str, shape)), "--cases", *cases]
-    cmd += ["--reps", str(args.reps), "--dtype", args.dtype]
+    cmd += ["--reps", str(reps), "--dtype", args.dtype]
     cmd += [] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         return {case: {"error": f"worker exit {proc.returncode}"} for case in cases}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_shape(args, shape, cases):
+    if args.device == "cuda":
+        return worker(cases, shape, args.reps, args.dtype, "cuda", args.chunk_size)
+    # Memory and time come from two fresh processes: the malloc settings that make RSS exact also make every chunk
+    # buffer a fresh mapping with fresh page faults, which a long-running process does not pay.
+    memory = run_worker(args, shape, cases, 1, memory=True)
+    timing = run_worker(args, shape, cases, args.reps, memory=False)
+    for case, res in timing.items():
+        if isinstance(res, dict) and "peak_mib" in res:
+            res["peak_mib"] = memory.get(case, {}).get("peak_mib", float("nan"))
+    return timing
 
 
 def print_table(rows, device):

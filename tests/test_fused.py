@@ -154,9 +154,9 @@ def test_no_gradient_work_when_no_gradient_is_needed(monkeypatch, mode):
     seen = []
     original = fused._emo_chunk
 
-    def spy(*args, need_grad):
+    def spy(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad, workspace):
         seen.append(need_grad)
-        return original(*args, need_grad=need_grad)
+        return original(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad, workspace)
 
     monkeypatch.setattr(fused, "_emo_chunk", spy)
     hidden, weight, targets, _ = make_inputs()
