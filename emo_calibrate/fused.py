@@ -4,13 +4,14 @@
 Here the tokens are processed in chunks of `n_c` rows. For each chunk, in the forward pass:
 
     Z  = H_c W^T                      (GEMM 1, model dtype, fp32 output)
-    q  = softmax(Z), lse, mle = lse - Z_y, entropy, accuracy
-    C  = Ê[y_c] Ê^T                   (GEMM 2, the one extra GEMM of EMO; cosines to each target)
+    C  = Ê[y_c] Ê^T                   (GEMM 2, the one extra GEMM of EMO; cosines to each target. When Ê is the
+                                       normalised head, GEMMs 1 and 2 are one stacked GEMM [H_c; Ŵ[y_c]] W^T)
+    q  = softmax(Z) in place, lse, mle = lse - Z_y, entropy, accuracy
     r  = <q, C>;  emo = 1 - r (+ q_y)
     dZ = a (q - onehot_y) - b q ⊙ (C - r)          (closed form, see below)
     dH_c = dZ W                       (GEMM 3)       and, for a trainable head only, dW += dZ^T H_c
 
-so only two (n_c, V) fp32 buffers exist at any time and the gradient is ready when the forward returns; backward
+so only two (n_c, V) fp32 buffers (one workspace reused by every chunk) exist at any time and the gradient is ready when the forward returns; backward
 only scales it by the incoming gradient. EMO's gradient with respect to the logits is -q ⊙ (c - <q, c>) whether or
 not the target's own mass is subtracted (that subtraction is detached), and the detached per-token weight of the
 weighting turns the two gradients into
@@ -21,12 +22,12 @@ weighting turns the two gradients into
 the output embedding itself ("adaptive" is detached in the reference too).
 """
 
-import math
 import weakref
 
 import torch
 import torch.nn.functional as F
 
+from .fused_support import fused_head_unsupported_reason
 from .loss import EMOLossOutput, Weighting, reduce_per_token, weight_per_token
 
 
@@ -417,48 +418,3 @@ def fused_linear_emo_loss(
     if loss is not None:
         out.loss = loss
     return out
-
-
-def fused_head_unsupported_reason(model) -> str | None:
-    """Why the fused head cannot stand in for `model`'s own logits, or `None` when it can.
-
-    The fused head computes `logits = hidden @ lm_head.weight.T` and nothing else, so it does not apply to models
-    whose output layer does more: a final logit soft-capping (Gemma 2), a logit scale (Cohere, Granite, Falcon-H1,
-    MiniCPM...), a bias, an adapter on `lm_head`, or an output layer that is not a plain linear weight.
-
-    Args:
-        model: a transformers causal LM, possibly wrapped by PEFT.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(base, "get_output_embeddings"):
-        return f"{type(base).__name__} is not a transformers model with a config and get_output_embeddings()"
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        return f"the model soft-caps its logits (final_logit_softcapping={text_config.final_logit_softcapping})"
-    for name in ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(text_config, name, None)
-        if value is not None and not (isinstance(value, int | float) and math.isclose(value, 1.0)):
-            return f"the model scales its logits ({name}={value})"
-    head = base.get_output_embeddings()
-    if head is None:
-        return f"{type(base).__name__} has no output embedding (get_output_embeddings() is None)"
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-    except ImportError:  # peft is a dependency, but the check must not need it
-        BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = ()
-    if isinstance(head, BaseTunerLayer):
-        return (
-            "lm_head carries a PEFT adapter, which the fused head would bypass: remove 'lm_head' from target_modules"
-        )
-    if isinstance(head, AuxiliaryTrainingWrapper) and not isinstance(head, ModulesToSaveWrapper):
-        return f"lm_head is wrapped by PEFT's {type(head).__name__}, whose forward is more than its weight"
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        return f"the output embedding {type(head).__name__} has no floating (V, d) weight (e.g. a quantised head)"
-    if type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor:
-        return f"the output embedding's weight is a {type(weight).__name__}, not a plain tensor"
-    if getattr(head, "bias", None) is not None:
-        return "lm_head has a bias"
-    return None
