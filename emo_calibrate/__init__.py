@@ -15,6 +15,18 @@ _LAZY = {
     "fused_linear_emo_loss": "emo_calibrate.fused",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
+    "build_calibration_set": "emo_calibrate.data",
+    "load_calibration_set": "emo_calibrate.data",
+    "CalibrationGuard": "emo_calibrate.guard",
+    "EvalArguments": "emo_calibrate.evaluation.arguments",
+    "run_evaluation": "emo_calibrate.evaluation.runner",
+    "evaluate_perplexity": "emo_calibrate.evaluation.perplexity",
+    "evaluate_calibration": "emo_calibrate.evaluation.calibration",
+    "evaluate_generation": "emo_calibrate.evaluation.generation",
+    "run_lm_eval": "emo_calibrate.evaluation.lm_eval_adapter",
+    "TrainingInterrupted": "emo_calibrate.callbacks",
+    "NonFiniteTrainingError": "emo_calibrate.callbacks",
+    "merge_adapter": "emo_calibrate.merge",
 }
 
 __all__ = sorted(_LAZY)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .validation import check_mixed_precision_request
+
 
 logger = logging.getLogger(__name__)
 
@@ -13,6 +15,8 @@ __all__ = ["EMOConfig", "COST_EMBEDDING_KEYWORDS"]
 
 COST_EMBEDDING_KEYWORDS = ("frozen", "adaptive")
 WEIGHTING_CHOICES = ("emo_anchored", "mle_anchored", "mle")
+# Metrics (logged by EMOTrainer and the calibration guard) for which lower is better.
+_LOWER_IS_BETTER = ("mle", "emo", "ppl", "ppl_ratio")
 
 
 def _has_accelerator() -> bool:
@@ -50,6 +54,25 @@ class EMOConfig(SFTConfig):
         reference full-logits path with a log line.
     emo_chunk_size (`int`, *optional*):
         Tokens per chunk of the fused head. Default: chosen from the vocabulary and hidden sizes.
+
+    > Parameters of the calibration guard (active only when an eval dataset is given and `eval_strategy` is not "no")
+
+    emo_guard_max_ppl_ratio (`float`, *optional*, defaults to `1.2`):
+        The guard evaluates the starting model once (it switches `eval_on_start` on), then logs `eval_ppl` and
+        `eval_ppl_ratio` (held-out perplexity over the starting one) at every evaluation and warns when the ratio
+        exceeds this bound. `None` turns the guard off. To keep the best checkpoint, use the Trainer's
+        `load_best_model_at_end=True` with `metric_for_best_model="mle"` (or `"ppl"`, `"ppl_ratio"`: these default to
+        lower-is-better).
+    emo_guard_stop (`bool`, *optional*, defaults to `False`):
+        Stop training at the first evaluation whose ratio exceeds `emo_guard_max_ppl_ratio`.
+
+    > Parameters that keep a run safe
+
+    emo_max_nonfinite_steps (`int`, *optional*, defaults to `10`):
+        An optimizer step whose loss or gradient norm is NaN/inf (fp16 overflow, a bad batch) is skipped: its gradients
+        are dropped, the weights and optimizer state stay as they were, and the total is logged as `nonfinite_steps`.
+        After this many such steps in a row, training saves a checkpoint and stops with an error. `0` stops at the
+        first one.
     """
 
     emo_weighting: str = field(
@@ -94,12 +117,41 @@ class EMOConfig(SFTConfig):
         metadata={"help": "Tokens per chunk of the fused head (default: chosen from vocabulary and hidden size)."},
     )
 
+    # ---- calibration guard (emo_calibrate/guard.py) ----
+    emo_guard_max_ppl_ratio: float | None = field(
+        default=1.2,
+        metadata={
+            "help": "Calibration guard, active with an eval dataset: evaluate the starting model once, log eval_ppl and "
+            "eval_ppl_ratio (held-out perplexity / starting one) at every evaluation, warn past this ratio. None: off."
+        },
+    )
+    emo_guard_stop: bool = field(
+        default=False,
+        metadata={"help": "Stop training at the first evaluation whose perplexity ratio exceeds the guard's bound."},
+    )
+
+    # ---- reliability (issue 7) ----
+    emo_max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Optimizer steps with a NaN/inf loss or gradient norm are skipped (and counted in the logged "
+            "'nonfinite_steps'); after this many in a row, training saves a checkpoint and stops with an error. "
+            "0 stops at the first one."
+        },
+    )
+
     def __post_init__(self):
+        # The guard's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
+        # "loss": set the direction unless the user did.
+        best = (self.metric_for_best_model or "").removeprefix("eval_")
+        if self.greater_is_better is None and best in _LOWER_IS_BETTER:
+            self.greater_is_better = False
         # SFTConfig turns bf16 on by default, which raises on a machine without an accelerator. Only when the user
         # left bf16 unset, fall back to fp32 there instead of failing.
         if self.bf16 is None and not self.fp16 and not self.use_cpu and not _has_accelerator():
             logger.info("No GPU found: training in float32 (set bf16=True with use_cpu=True for CPU autocast).")
             self.bf16 = False
+        check_mixed_precision_request(self)  # a clearer message than TrainingArguments' for bf16 without support
         super().__post_init__()
 
         if self.emo_weighting not in WEIGHTING_CHOICES:
@@ -122,5 +174,15 @@ class EMOConfig(SFTConfig):
                 f"emo_cost_embedding={self.emo_cost_embedding!r} is neither 'frozen', 'adaptive' nor an existing path. "
                 "Pass 'frozen' (default), 'adaptive', or the path of a .safetensors file / model folder."
             )
+        if self.emo_guard_max_ppl_ratio is not None and not self.emo_guard_max_ppl_ratio > 1:
+            raise ValueError(
+                f"emo_guard_max_ppl_ratio must be > 1 (e.g. 1.2 = warn at +20% held-out perplexity), got "
+                f"{self.emo_guard_max_ppl_ratio}. Use None to turn the calibration guard off."
+            )
         if self.emo_chunk_size is not None and self.emo_chunk_size < 1:
             raise ValueError(f"emo_chunk_size must be a positive number of tokens, got {self.emo_chunk_size}.")
+        if self.emo_max_nonfinite_steps < 0:
+            raise ValueError(
+                f"emo_max_nonfinite_steps must be >= 0 (0 stops at the first NaN/inf step), got "
+                f"{self.emo_max_nonfinite_steps}."
+            )

@@ -69,14 +69,15 @@ def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_bytes: int, device_
 
 
 # ----------------------------------------------------------------------------------------------------------- caches
-# One entry per kind, keyed by the source tensor's identity, its in-place version counter (an optimizer step bumps
-# it), dtype and device, so a frozen head is normalised once per run and a trainable one once per step.
+# One entry per kind, keyed by the source tensor's identity, its in-place version counter (bumped by in-place
+# writes such as load_state_dict's copy_), its storage address (`param.data = new` swaps the storage without a
+# bump, as checkpoint loading can), dtype and device. Trainable heads are not cached: they change every step.
 _CACHE: dict[str, tuple] = {}
 
 
 def _cached(kind: str, source: torch.Tensor, dtype: torch.dtype, device: torch.device, build):
     entry = _CACHE.get(kind)
-    key = (source._version, dtype, source.device, device)
+    key = (source._version, source.data_ptr(), dtype, source.device, device)
     if entry is not None and entry[0]() is source and entry[1] == key:
         return entry[2]
     value = build()
@@ -101,6 +102,8 @@ def _inverse_row_norms(weight: torch.Tensor) -> torch.Tensor:
                 inv[start : start + 16384] = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
             return inv.clamp_(min=1e-12).reciprocal_()
 
+    if weight.requires_grad:
+        return build()
     return _cached("inverse_row_norms", weight, torch.float32, weight.device, build)
 
 
@@ -156,26 +159,35 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Turn (n, V) fp32 logits into q = softmax(z) IN PLACE, by row blocks; returns (lse, entropy, argmax), each (n,).
+def _softmax_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn (n, V) fp32 logits into q = softmax(z) IN PLACE, by row blocks; returns (mle, entropy, argmax), each (n,).
 
     In place, so that the logits and the cosines can come from one stacked GEMM while only two (n, V) buffers exist.
+    Everything is taken relative to the row maximum m, with t = sum over the non-maximal entries of exp(z - m), so
+    lse - m = log1p(t), mle = (m - z_y) + log1p(t) and entropy = sum q (m - z) + log1p(t). Nothing subtracts two
+    numbers of the size of the logits or rounds 1 + t: for a confident target (t = 6e-7 at a logit of 40, where the
+    fp32 spacing is 3.8e-6) `lse - z_y` would give 0 and the detached emo/mle weight would blow up.
     """
     n, vocab = z.shape
     rows = _row_blocks(n, vocab, z.device)
-    lse = torch.empty(n, dtype=z.dtype, device=z.device)
-    entropy = torch.empty_like(lse)
+    mle = torch.empty(n, dtype=z.dtype, device=z.device)
+    entropy = torch.empty_like(mle)
     argmax = torch.empty(n, dtype=torch.long, device=z.device)
+    lowest = torch.finfo(z.dtype).min
     for start in range(0, n, rows):
-        block = z[start : start + rows]
-        q = torch.softmax(block, dim=-1)
+        block, y = z[start : start + rows], targets[start : start + rows].unsqueeze(1)
         z_max, top = block.max(dim=-1)
-        argmax[start : start + rows] = top
-        # q at the arg-max is exp(z_max - lse) >= 1/V, so this lse is exact to fp32 rounding (no underflow).
-        lse[start : start + rows] = z_max - q.gather(1, top.unsqueeze(1)).squeeze(1).log()
-        entropy[start : start + rows] = lse[start : start + rows] - _rowdot(q, block)
+        top = top.unsqueeze(1)
+        argmax[start : start + rows] = top.squeeze(1)
+        block.sub_(z_max.unsqueeze(1))  # z - m <= 0, exactly 0 at the arg-max
+        q = torch.exp(block).scatter_(1, top, 0.0)
+        log_s = torch.log1p(q.sum(dim=-1, keepdim=True))  # lse - m
+        mle[start : start + rows] = (log_s - block.gather(1, y)).squeeze(1)
+        q.mul_(torch.exp(-log_s)).scatter_(1, top, torch.exp(-log_s))
+        block.clamp_(min=lowest)  # -inf logits have q = 0: keep 0 * (-inf) out of the entropy
+        entropy[start : start + rows] = log_s.squeeze(1) - _rowdot(q, block)
         block.copy_(q)
-    return lse, entropy, argmax
+    return mle, entropy, argmax
 
 
 def _gradient_coefficients(weighting: str, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,23 +219,28 @@ def _emo_chunk(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad, wo
     # dZ). When the cost embedding is the head itself, one stacked GEMM [H; Ŵ[y]] W^T reads W once for both.
     buf = workspace[: 2 * n]
     z, c = buf[:n], buf[n:]
+    one = torch.ones((), dtype=torch.float32, device=h.device)
+    # The cost block holds D = 1 - C, the transport costs, so that emo = <q, D> is a sum of non-negative terms: no
+    # 1 - <q, C> cancellation, which leaves a confident token's emo (~1e-7) at the mercy of fp32 rounding near 1.
     if cost is None:
         target_rows = (weight[y].float() * inv_norm[y].unsqueeze(1)).to(weight.dtype)
         _mm_into(torch.cat([h, target_rows]), weight.t(), out=buf)
-        c.mul_(inv_norm)
+        torch.addcmul(one, c, inv_norm, value=-1.0, out=c)
+        self_cos = weight[y].ne(0).any(dim=-1).float()
     else:
         _mm_into(h, weight.t(), out=z)
         _mm_into(cost[y], cost.t(), out=c)
-    z_y = z.gather(1, y_col).squeeze(1)
-    lse, entropy, argmax = _softmax_(z)
+        torch.addcmul(one, c, one, value=-1.0, out=c)
+        self_cos = cost[y].ne(0).any(dim=-1).float()
+    # A cost is in [0, 2]; rounding can put a parallel pair at -1e-7, and a negative emo flips the sign of the
+    # detached mle/emo weight. And <ê_y, ê_y> is exactly 1 (0 for an all-zero, padded row), not its rounded value.
+    c.clamp_(0.0, 2.0).scatter_(1, y_col, (1.0 - self_cos).unsqueeze(1))
+    mle, entropy, argmax = _softmax_(z, y)
     q = z
-    mle = lse - z_y
-    q_y = q.gather(1, y_col).squeeze(1)
-    expected_cos = _rowdot(q, c)  # <q, c>
-    emo = 1.0 - expected_cos
+    emo_plain = _rowdot(q, c)  # sum_v q_v (1 - c_v) = 1 - <q, c>
+    emo = emo_plain
     if opts["subtract_target_mass"]:
-        # + q_y c_y, the detached target mass; c_y = 1 except for an all-zero (padded) cost row, where it is 0.
-        emo = emo + q_y * c.gather(1, y_col).squeeze(1)
+        emo = emo + q.gather(1, y_col).squeeze(1) * self_cos  # + q_y c_y, the detached target mass
     per_token, ratio = weight_per_token(mle, emo, opts["weighting"], opts["ratio_clamp"])
     stats = (per_token, mle, emo, ratio, entropy, argmax == y)
     if not need_grad:
@@ -231,10 +248,13 @@ def _emo_chunk(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad, wo
 
     a, b = _gradient_coefficients(opts["weighting"], ratio)
     a, b = a * inv_normalizer, b * inv_normalizer
-    # dZ = a (q - onehot) - b q ⊙ (C - r) = q ⊙ ((a + b r) - b C) - a onehot, in place over C (a workspace view).
-    torch.addcmul((a + b * expected_cos).unsqueeze(1), c, (-b).unsqueeze(1), out=c)
+    # dZ = a (q - onehot) - b q ⊙ (C - r) with r = 1 - emo_plain and C = 1 - D: off the target, q ⊙ ((a - b emo_plain)
+    # + b D), in place over D (a workspace view). dZ sums to zero over the vocabulary, so the target entry is minus
+    # the sum of the others: exact also where q_y - 1 would round (q_y within 6e-8 of 1).
+    torch.addcmul((a - b * emo_plain).unsqueeze(1), c, b.unsqueeze(1), out=c)
     c.mul_(q)
-    c.scatter_add_(1, y_col, -a.unsqueeze(1))
+    c.scatter_(1, y_col, 0.0)
+    c.scatter_(1, y_col, -c.sum(dim=-1, keepdim=True))
     return stats, c
 
 

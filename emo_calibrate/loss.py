@@ -155,7 +155,8 @@ def _emo_on_flat_logits(z, targets, valid, cost_hat, weighting, ratio_clamp, sub
     per_token = torch.where(valid, per_token, zero)
 
     with torch.no_grad():
-        entropy = torch.where(valid, -(q * log_q).sum(-1), zero)
+        # 0 * log 0 = 0: a token ruled out by a -inf logit has q = 0 and log q = -inf, whose product would be NaN.
+        entropy = torch.where(valid, -(q * log_q.clamp(min=torch.finfo(log_q.dtype).min)).sum(-1), zero)
         correct = (z.argmax(-1) == targets) & valid
     return per_token, mle.detach(), emo.detach(), torch.where(valid, ratio, zero), entropy, correct
 

@@ -1,37 +1,104 @@
-"""bitsandbytes 4-bit helpers shared by training and merging."""
+"""Small helpers for bitsandbytes 4-bit models, shared by training and merging.
 
+bitsandbytes (0.50) has a CPU fast path that silently breaks QLoRA on CPUs with AVX512-BF16: the first forward of a
+`bnb.nn.Linear4bit` in eval mode with an input that does not require grad *permanently* repacks the weight into a
+CPU-specific layout (`quant_state.packing_format_for_cpu = True`). After that, gradients through the frozen weight are
+dropped (the packed kernel has no autograd) and `dequantize()` / merging read the packed bytes as if they were the
+original layout, giving garbage weights. Triggers: `model.eval()` + a no-grad forward, `Trainer.evaluate()`, and
+`PeftModel.from_pretrained` (which returns the model in eval mode). GPUs are unaffected.
+
+The quantisation record (`quantization_config.json` in an adapter folder) tells `merge_adapter` how the base was
+quantised during training, so the merge can rebuild exactly the weights the adapter was trained against.
+"""
+
+import json
 import logging
+import os
+from typing import Any
 
+
+__all__ = [
+    "QUANTIZATION_RECORD_NAME",
+    "disable_cpu_4bit_repacking",
+    "is_quantized",
+    "load_quantization_record",
+    "save_quantization_record",
+]
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["disable_cpu_4bit_repacking", "is_quantized"]
-
-
-def is_quantized(model) -> bool:
-    """Whether `model` (or the model under a PEFT wrapper) was loaded in 4-bit or 8-bit by bitsandbytes."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+QUANTIZATION_RECORD_NAME = "quantization_config.json"
 
 
 def disable_cpu_4bit_repacking(model) -> int:
-    """Keep bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU-only layout on eval/no-grad forwards.
 
-    On CPUs with AVX512-BF16, the first eval / no-grad forward of a `Linear4bit` permanently repacks its weight; from
-    then on its matmul has no autograd (LoRA gradients through it are silently dropped) and dequantising it (merge)
-    returns garbage. Turning the fast path off keeps training and merging exact. GPU paths are unaffected.
+    Call it after every load of a 4-bit model that may run on CPU, and again after `PeftModel.from_pretrained`.
+    It is harmless on GPU and on CPUs without AVX512-BF16 (the flag is already False there).
+
+    Args:
+        model (`torch.nn.Module`): any module tree (a `PreTrainedModel`, a `PeftModel`, ...).
 
     Returns:
-        `int`: the number of 4-bit layers changed (0 if bitsandbytes is missing or the model is not 4-bit).
+        `int`: the number of `bnb.nn.Linear4bit` modules visited (0 when bitsandbytes is not installed).
     """
     try:
         import bitsandbytes as bnb
-    except ImportError:
+    except ImportError:  # no bitsandbytes, hence no 4-bit layers to protect
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+        if isinstance(module, bnb.nn.Linear4bit):
+            # Read in Linear4bit.forward: the repack only happens while this flag is True.
             module.support_avx512bf16_for_cpu = False
             count += 1
     if count:
-        logger.debug("Disabled the bitsandbytes CPU repacking of %d 4-bit layers.", count)
+        logger.debug("Disabled the bitsandbytes CPU repacking on %d 4-bit layers.", count)
     return count
+
+
+def is_quantized(model) -> bool:
+    """Whether `model` still holds quantised weights or a quantiser (bitsandbytes, GPTQ, AWQ, GGUF, ...).
+
+    `model.is_loaded_in_4bit` is not used: transformers leaves it True after `model.dequantize()`.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        return True
+    for param in model.parameters():
+        # Params4bit / Int8Params (bitsandbytes) and integer-packed weights of other quantisers.
+        if type(param).__name__ in ("Params4bit", "Int8Params") or not param.dtype.is_floating_point:
+            return True
+    return False
+
+
+def save_quantization_record(model, output_dir: str | os.PathLike) -> str | None:
+    """Write how `model` was quantised (its `BitsAndBytesConfig` and load dtype) next to a saved adapter.
+
+    Trainers call this after `save_model`; `merge_adapter(merge_base="dequantized")` reads it back to rebuild the exact
+    4-bit weights the adapter was trained against. Does nothing (returns None) for an unquantised model.
+
+    Returns:
+        `str | None`: the path written.
+    """
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    record = json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else dict(config)
+    dtype = getattr(model, "dtype", None)
+    record["_load_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
+    path = os.path.join(output_dir, QUANTIZATION_RECORD_NAME)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True, default=str)
+    return path
+
+
+def load_quantization_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """Read the record written by `save_quantization_record`, or None when the folder has none."""
+    path = os.path.join(folder, QUANTIZATION_RECORD_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

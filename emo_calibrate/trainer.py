@@ -7,16 +7,23 @@ completion-only masking, checkpoints, logging) is SFTTrainer's own.
 import dataclasses
 import inspect
 import logging
+import os
 import textwrap
 
 import torch
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from .callbacks import NonFiniteGuard, StopController
+from .checkpointing import assert_finite_weights, restore_emo_state, save_emo_state
 from .config import EMOConfig
 from .cost_embedding import load_cost_embedding
 from .fused import fused_head_unsupported_reason, fused_linear_emo_loss
+from .guard import CalibrationGuard
 from .loss import emo_loss
-from .quantization import disable_cpu_4bit_repacking
+from .quantization import disable_cpu_4bit_repacking, save_quantization_record
+from .validation import validate_prepared_trainer, validate_trainer_inputs
 
 
 logger = logging.getLogger(__name__)
@@ -76,13 +83,30 @@ class EMOTrainer(SFTTrainer):
 
     def __init__(self, model, args=None, *pargs, **kwargs):
         args = _as_emo_config(model, args)
+        # Bad input fails here, with one clear message, before the model is loaded (see validation.py).
+        kwargs = validate_trainer_inputs(model, args, pargs, kwargs)
         super().__init__(model, args, *pargs, **kwargs)
         # bitsandbytes' CPU fast path breaks gradients and merges after any eval forward (see quantization.py).
         disable_cpu_4bit_repacking(self.model)
+        # DeepSpeed ZeRO-3 partitions every parameter, the head too: outside the model's own forward its weight is an
+        # empty placeholder. The cost embedding is then a copy gathered once, and the loss takes the reference path
+        # (the model's forward gathers the head for the logits).
+        self._zero3 = is_deepspeed_zero3_enabled()
         self._check_vocabulary()
         self._emo_cost = self._resolve_cost_embedding()
         self._fused_reason = self._fused_head_check()
         self._fused_verified = False
+        # Reliability: tokenized data and disk space are checked before the first step; NaN/inf updates are skipped;
+        # SIGTERM / Ctrl-C stop with a checkpoint.
+        validate_prepared_trainer(self)
+        self._stop = StopController()
+        self._nonfinite_guard = NonFiniteGuard(self, self._stop, self.args.emo_max_nonfinite_steps)
+        self.add_callback(self._stop)
+        self.add_callback(self._nonfinite_guard)
+        # Calibration guard (guard.py): with an eval set, held-out perplexity is compared with the starting model's.
+        if self.eval_dataset is not None and self.args.eval_strategy != "no" and self.args.emo_guard_max_ppl_ratio:
+            self.args.eval_on_start = True
+            self.add_callback(CalibrationGuard(self.args.emo_guard_max_ppl_ratio, stop=self.args.emo_guard_stop))
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -92,8 +116,17 @@ class EMOTrainer(SFTTrainer):
         # FSDP2 shards parameters as DTensors; the head is used whole.
         return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
+    def _gathered_output_weight(self) -> torch.Tensor:
+        """A (V, d) copy of the head gathered from its ZeRO-3 partitions (a collective: every process calls it)."""
+        import deepspeed
+
+        weight = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight.detach().clone()
+
     def _check_vocabulary(self):
-        rows = self._output_weight().shape[0]
+        weight = self._output_weight()
+        rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps the full shape in ds_shape
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer is not None and len(tokenizer) > rows:
             raise ValueError(
@@ -106,14 +139,22 @@ class EMOTrainer(SFTTrainer):
         """The cost embedding, or None when it is the live output embedding itself (read in place, detached)."""
         source = self.args.emo_cost_embedding
         weight = self._output_weight()
-        if source == "adaptive":
+        if self._zero3 and source == "adaptive":
+            raise ValueError(
+                "emo_cost_embedding='adaptive' reads the live head at every step, but DeepSpeed ZeRO-3 partitions it "
+                "across processes. Use 'frozen' (the default) or a file, or shard with ZeRO-2 or FSDP instead."
+            )
+        if self._zero3 and source == "frozen":
+            cost = self._gathered_output_weight()
+        elif source == "adaptive":
             cost = None
         elif source == "frozen":
             # A frozen head (LoRA, QLoRA) never changes, so it is read in place: no V x d copy. A trained head is
             # copied once, now, before the first update.
             cost = weight.detach().clone() if weight.requires_grad else None
         else:
-            cost = load_cost_embedding(source, vocab_size=weight.shape[0]).to(weight.device)
+            rows = getattr(weight, "ds_shape", weight.shape)[0]
+            cost = load_cost_embedding(source, vocab_size=rows).to(weight.device)
         logger.info(
             "EMO: weighting=%s, cost embedding=%s%s",
             self.args.emo_weighting,
@@ -125,6 +166,10 @@ class EMOTrainer(SFTTrainer):
     def _fused_head_check(self) -> str | None:
         if not self.args.emo_fused_head:
             return "emo_fused_head=False"
+        if self._zero3:
+            reason = "DeepSpeed ZeRO-3 partitions the head weight that the fused head reads outside the forward"
+            logger.warning("EMO: using the reference full-logits loss because %s.", reason)
+            return reason
         base = self.accelerator.unwrap_model(self.model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         reason = fused_head_unsupported_reason(base)
@@ -227,6 +272,33 @@ class EMOTrainer(SFTTrainer):
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # ---- reliability: exact resume, a checkpoint on SIGTERM / Ctrl-C, never a NaN update nor a NaN save ----
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # What the Trainer's checkpoint lacks (the pre-training cost embedding, counters) is restored first.
+        resume_from_checkpoint = restore_emo_state(self, resume_from_checkpoint)
+        with self._stop.catch_signals():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._stop.raise_if_stopped(self.state)  # a stopped run must not look finished to the caller
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_guard.observe_loss(loss)
+        return loss
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        assert_finite_weights(self.model)
+        super().save_model(output_dir, _internal_call)
+        # How the base was quantised, next to the adapter: `emo-calibrate merge` rebuilds exactly these 4-bit weights.
+        if self.args.should_save:
+            save_quantization_record(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        save_emo_state(self, folder)
 
 
 def _as_emo_config(model, args) -> EMOConfig:

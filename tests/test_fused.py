@@ -191,6 +191,21 @@ def test_external_cost_cache_follows_in_place_changes():
     assert not torch.isclose(first.emo, second.emo)
 
 
+def test_caches_follow_data_swaps():
+    """`param.data = new` (as checkpoint loading can do) swaps the storage without bumping the version counter."""
+    hidden, weight, targets, cost = make_inputs()
+    head = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    external = cost.clone()
+    fused_linear_emo_loss(hidden, head, targets)
+    fused_linear_emo_loss(hidden, weight, targets, cost_embedding=external)
+    head.data = weight * torch.linspace(0.5, 2.0, weight.shape[1])
+    external.data = cost * torch.linspace(0.5, 2.0, cost.shape[1])
+    for cost_embedding in (None, external):
+        got = fused_linear_emo_loss(hidden, head, targets, cost_embedding=cost_embedding).emo
+        torch.testing.assert_close(got, reference(hidden, head, targets, cost_embedding)[0].emo)
+    assert not torch.isclose(got, fused_linear_emo_loss(hidden, head, targets, cost_embedding=cost).emo)
+
+
 def test_trainable_head_cost_follows_optimizer_updates():
     """With cost_embedding=None the cost is the CURRENT normalised head, also after an in-place optimizer step."""
     hidden, weight, targets, _ = make_inputs()

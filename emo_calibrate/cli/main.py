@@ -14,6 +14,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "emo_calibrate.cli.train",
         "Calibrate a model with EMO (LoRA / QLoRA) from a YAML recipe; no arguments runs the offline demo.",
     ),
+    "data": ("emo_calibrate.cli.data", "Build a calibration set (~25k sentences, manifest) from a text source."),
+    "eval": ("emo_calibrate.cli.eval", "Compare models on held-out text: perplexity, calibration, MAUVE, lm-eval."),
+    "merge": ("emo_calibrate.cli.merge", "Merge an adapter into its base model for deployment (verified, atomic)."),
 }
 
 USAGE = """usage: emo-calibrate <command> [options]

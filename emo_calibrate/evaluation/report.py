@@ -1,0 +1,222 @@
+"""The side-by-side report: `report.md` (one table row per model) and PNG plots, from the `results.json` content.
+
+Plots: overlaid reliability diagrams, perplexity bars (document-bootstrap error bars), MAUVE bars (std over seeds),
+degeneration bars (rep-n of sampled and greedy text against human text), and the training curves of adapters whose
+`trainer_state.json` was found.
+"""
+
+import json
+import logging
+import math
+import os
+
+
+__all__ = ["write_report", "plot_training_curves", "TRAINING_CURVE_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+# log_history keys plotted as training curves, when present (EMOTrainer logs mle and emo next to the loss).
+TRAINING_CURVE_KEYS = ("loss", "mle", "emo", "eval_loss", "eval_mle", "eval_emo")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(value, std=None, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def _primary_metric(metrics: dict) -> tuple[str, float] | None:
+    """`acc,none` when the task has it, else its first metric that is not a standard error."""
+    names = [k for k in metrics if "_stderr" not in k]
+    if not names:
+        return None
+    name = "acc,none" if "acc,none" in metrics else names[0]
+    return name, metrics[name]
+
+
+def _get(d: dict, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _bar(ax, labels, values, errors, ylabel, title):
+    xs = range(len(labels))
+    ax.bar(xs, [v if v is not None else 0 for v in values], yerr=[e or 0 for e in errors], capsize=4, color="C0")
+    ax.set_xticks(list(xs), labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
+def plot_training_curves(states: dict[str, str], path: str) -> str | None:
+    """Plot `TRAINING_CURVE_KEYS` of each model's `trainer_state.json` (label -> file) against the step."""
+    histories = {}
+    for label, file in states.items():
+        with open(file, encoding="utf-8") as f:
+            histories[label] = json.load(f).get("log_history", [])
+    keys = [k for k in TRAINING_CURVE_KEYS if any(k in row for h in histories.values() for row in h)]
+    if not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False, constrained_layout=True)
+    for ax, key in zip(axes[0], keys):
+        for label, history in histories.items():
+            rows = [r for r in history if key in r and "step" in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _mode_bars(models: list[dict], modes: list[str], metric: str, ylabel: str, title: str, out: str) -> str:
+    """One bar chart per decoding mode of a generation metric (mean ± std over seeds), human text as a line."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False, constrained_layout=True)
+    for ax, mode in zip(axes[0], modes):
+        values = [_get(m, "generation", mode, "mean", metric) for m in models]
+        errors = [_get(m, "generation", mode, "std", metric) for m in models]
+        _bar(ax, [m["label"] for m in models], values, errors, ylabel, title.format(mode))
+        human = _get(models[0], "generation", "human", metric)
+        if human is not None:
+            ax.axhline(human, ls="--", color="grey", label="human text")
+            ax.legend(fontsize=8)
+    path = os.path.join(out, "degeneration.png" if metric.startswith("rep") else f"{metric}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plots(results: dict, out: str) -> list[tuple[str, str]]:
+    from .calibration import plot_reliability
+
+    models = results["models"]
+    labels = [m["label"] for m in models]
+    written = []
+    curves = {m["label"]: m["calibration"] for m in models if "calibration" in m}
+    if curves:
+        written.append(("Reliability diagrams", plot_reliability(curves, os.path.join(out, "reliability.png"))))
+    plt = _plt()
+    if any("perplexity" in m for m in models):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), constrained_layout=True)
+        for ax, unit in zip(axes, ("token", "word")):
+            values = [_get(m, "perplexity", unit) for m in models]
+            errors = [_get(m, "perplexity", f"{unit}_std") for m in models]
+            _bar(ax, labels, values, errors, "perplexity (lower is better)", f"per {unit} (± bootstrap std)")
+        fig.savefig(os.path.join(out, "perplexity.png"), dpi=120)
+        plt.close(fig)
+        written.append(("Perplexity", os.path.join(out, "perplexity.png")))
+    modes = [mode for mode in ("sample", "greedy") if any(_get(m, "generation", mode) for m in models)]
+    if any(_get(m, "generation", mode, "mean", "mauve") is not None for m in models for mode in modes):
+        path = _mode_bars(models, modes, "mauve", "MAUVE (higher is better)", "{} (± std over seeds)", out)
+        written.append(("MAUVE", path))
+    if modes:
+        path = _mode_bars(models, modes, "rep-4", "rep-4 (share of repeated 4-grams)", "degeneration, {}", out)
+        written.append(("Degeneration (rep-4)", path))
+    states = {m["label"]: m["trainer_state"] for m in models if m.get("trainer_state")}
+    if states and plot_training_curves(states, os.path.join(out, "training_curves.png")):
+        written.append(("Training curves", os.path.join(out, "training_curves.png")))
+    return written
+
+
+def _table(results: dict) -> list[str]:
+    models = results["models"]
+    modes = [mode for mode in ("sample", "greedy") if any(_get(m, "generation", mode) for m in models)]
+    tasks = sorted({t for m in models for t in m.get("downstream", {})})
+    header = ["model", "kind", "ppl/token", "ppl/word", "ECE", "Brier"]
+    for mode in modes:
+        header += [f"MAUVE ({mode})", f"rep-4 ({mode})", f"distinct-4 ({mode})"]
+    header += tasks
+    rows = []
+    for m in models:
+        ppl = m.get("perplexity", {})
+        row = [m["label"], m["kind"], _fmt(ppl.get("token"), ppl.get("token_std"), 2)]
+        row += [_fmt(ppl.get("word"), ppl.get("word_std"), 2)]
+        row += [_fmt(_get(m, "calibration", "ece"), digits=4), _fmt(_get(m, "calibration", "brier"), digits=4)]
+        for mode in modes:
+            mean, std = _get(m, "generation", mode, "mean") or {}, _get(m, "generation", mode, "std") or {}
+            mauve = _fmt(mean.get("mauve"), std.get("mauve")) if mode == "sample" else _fmt(mean.get("mauve"))
+            row += [mauve, _fmt(mean.get("rep-4")), _fmt(mean.get("distinct-4"))]
+        for task in tasks:
+            primary = _primary_metric(m.get("downstream", {}).get(task, {}))
+            row.append("-" if primary is None else f"{primary[1]:.4f} ({primary[0]})")
+        rows.append(row)
+    human = _get(models[0], "generation", "human") if models else None
+    if human:
+        row = ["human text", "reference", "-", "-", "-", "-"]
+        for _ in modes:
+            row += ["-", _fmt(human["rep-4"]), _fmt(human["distinct-4"])]
+        rows.append(row + ["-"] * len(tasks))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report(results: dict, output_dir: str) -> str:
+    """Write `report.md` and its PNG plots into `output_dir`; returns the report's path."""
+    s = results["settings"]
+    plots = _plots(results, output_dir)
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Held-out text: `{s['eval_data']}` ({results['num_documents']} documents, {results['num_words']} words). "
+        f"Device {results['device']}, dtype {s['dtype']}.",
+        "",
+        *_table(results),
+        "",
+        "## How these numbers were measured",
+        "",
+        f"- Perplexity: windows of {s['window']} tokens, stride {s['stride']}; per token, and per whitespace word "
+        "(total NLL / words: comparable across tokenizers). ± is the std of a bootstrap over documents.",
+        f"- Calibration: top-label ECE with {s['calibration_bins']} equal-width bins (confidence = largest next-token "
+        "probability, correct = it is the observed token); multi-class Brier score in [0, 2]. Lower is better.",
+    ]
+    if results["num_prompts"]:
+        lines.append(
+            f"- Generation: {results['num_prompts']} prompts of {s['prefix_words']} words from held-out paragraphs, "
+            f"exactly {s['max_new_tokens']} new tokens; `sample` = unbiased ancestral sampling (top_k 0, top_p 1, "
+            f"temperature 1), seeds {s['seeds']} (± is the std over seeds); `greedy` = one greedy run. rep-4 = share of "
+            "repeated 4-grams in a continuation (degeneration, lower is better); distinct-4 = unique / all 4-grams "
+            "over all continuations. The human row scores the human continuations cut to the same token length."
+        )
+        featurizer = results["featurizer"] or "none (MAUVE not computed)"
+        lines.append(
+            f"- MAUVE featurizer: **{featurizer}** (the paper used gpt2-large). MAUVE depends on the featurizer and on "
+            "the number of samples: compare values only within one report. It clusters the samples into "
+            f"{max(2, round(results['num_prompts'] / 10))} buckets here; with fewer than a few hundred prompts it is "
+            "coarse and values near 1 say little."
+        )
+    if any("downstream" in m for m in results["models"]):
+        lines.append(f"- Downstream: lm-evaluation-harness tasks {s['lm_eval_tasks']} (full metrics in results.json).")
+    lines += [
+        "",
+        "## Time (seconds)",
+        "",
+        "| model | " + " | ".join(["perplexity+calibration", "generation", "downstream"]) + " |",
+    ]
+    lines.append("|---|---|---|---|")
+    for m in results["models"]:
+        sec = m.get("seconds", {})
+        cells = [_fmt(sec.get(k), digits=1) for k in ("perplexity_calibration", "generation", "downstream")]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"### {title}\n\n![{title}]({os.path.basename(path)})\n" for title, path in plots]
+    path = os.path.join(output_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

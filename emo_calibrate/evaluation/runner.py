@@ -1,0 +1,333 @@
+"""Thin runner: load each model (plain, merged, base + adapter, GGUF), run the metric groups, write the report.
+
+Everything that can be checked cheaply (model paths, adapter bases, the text source, the output folder) is checked
+before the first model is loaded. All outputs go to a temporary folder next to `output_dir`, renamed at the end.
+"""
+
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .arguments import EvalArguments
+from .generation import Featurizer, cut_prompts, evaluate_generation, reference_tokens
+from .metrics import CalibrationAccumulator, NLLAccumulator, count_words, repetition_summary
+from .perplexity import score_texts
+from .texts import load_eval_documents, pack_short_documents, truncate_words
+
+
+__all__ = [
+    "ModelSpec",
+    "parse_model_spec",
+    "check_loadable",
+    "load_model",
+    "atomic_output_dir",
+    "find_trainer_state",
+    "evaluate_model",
+    "run_evaluation",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSpec:
+    """What to load: `kind` is `"model"` (hub id or folder), `"adapter"` (PEFT folder on `base`) or `"gguf"`."""
+
+    label: str
+    path: str
+    kind: str
+    base: str | None = None
+
+
+def parse_model_spec(text: str, base_model: str | None = None) -> ModelSpec:
+    """Parse `[label=]path` and find out what `path` is; raise a clear error for what cannot be loaded."""
+    label, path = None, text
+    if "=" in text and not os.path.exists(text):
+        label, path = text.split("=", 1)
+    label = label or os.path.basename(os.path.normpath(path)) or path
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return ModelSpec(label, path, "gguf")
+    if os.path.isdir(path):
+        adapter_cfg = os.path.join(path, "adapter_config.json")
+        if os.path.exists(adapter_cfg):
+            with open(adapter_cfg, encoding="utf-8") as f:
+                base = base_model or json.load(f).get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"Adapter {path} does not name its base model: pass --base_model.")
+            parse_model_spec(base)  # the base must be loadable too
+            return ModelSpec(label, path, "adapter", base)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ValueError(f"{path} is neither a model folder (config.json) nor an adapter (adapter_config.json).")
+        return ModelSpec(label, path, "model")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise FileNotFoundError(f"Model {path!r} is not an existing file or folder, nor a model hub id.")
+    return ModelSpec(label, path, "model")  # a hub id: `check_loadable` resolves its config
+
+
+def check_loadable(spec: ModelSpec) -> None:
+    """Fail fast (before any evaluation) when a hub id cannot be resolved, e.g. offline and not cached."""
+    for path in (spec.path, spec.base):
+        if path and not os.path.exists(path):
+            from transformers import AutoConfig
+
+            try:
+                AutoConfig.from_pretrained(path)
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"Model {path!r} is not a local file or folder and cannot be fetched from the hub ({err}). "
+                    "Check the id, or pass a local path."
+                ) from err
+
+
+def _torch_dtype(dtype: str):
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def _load_plain(spec: ModelSpec, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.kind == "gguf":
+        folder, name = os.path.split(os.path.abspath(spec.path))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=_torch_dtype(dtype))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_torch_dtype(dtype))
+    return model, tokenizer
+
+
+def load_model(spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu"):
+    """Load `spec` for evaluation: `(model, tokenizer)`, the model in eval mode on `device`.
+
+    An adapter is attached to its base with `peft.PeftModel.from_pretrained` (not merged: the evaluated function is
+    exactly base + adapter); its own tokenizer files win over the base's when present.
+    """
+    if spec.kind == "adapter":
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        model, tokenizer = _load_plain(parse_model_spec(spec.base), dtype)
+        if os.path.exists(os.path.join(spec.path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        model = PeftModel.from_pretrained(model, spec.path)
+    else:
+        model, tokenizer = _load_plain(spec, dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def find_trainer_state(path: str) -> str | None:
+    """The `trainer_state.json` of the run that produced `path`: in it, its last `checkpoint-N`, or its parent."""
+    if not os.path.isdir(path):
+        return None
+    here = os.path.join(path, "trainer_state.json")
+    if os.path.exists(here):
+        return here
+    steps = [(int(m.group(1)), d) for d in os.listdir(path) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    for _, d in sorted(steps, reverse=True):
+        candidate = os.path.join(path, d, "trainer_state.json")
+        if os.path.exists(candidate):
+            return candidate
+    parent = os.path.join(os.path.dirname(os.path.normpath(path)), "trainer_state.json")
+    return parent if os.path.exists(parent) else None
+
+
+def evaluate_model(
+    model, tokenizer, documents, prompts, args: EvalArguments, featurizer=None, reference_features=None
+):
+    """Run the metric groups of `args.metrics` on one loaded model; returns its results entry (without samples)."""
+    entry, seconds = {}, {}
+    if {"perplexity", "calibration"} & set(args.metrics):
+        start = time.perf_counter()
+        nll = NLLAccumulator(len(documents), [count_words(d) for d in documents])
+        calib = CalibrationAccumulator(args.calibration_bins)
+        accumulators = [a for a, g in ((nll, "perplexity"), (calib, "calibration")) if g in args.metrics]
+        score_texts(
+            model,
+            tokenizer,
+            documents,
+            accumulators,
+            window=args.window,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            add_special_tokens=args.add_special_tokens,
+        )
+        if "perplexity" in args.metrics:
+            entry["perplexity"] = nll.compute(seed=args.seed)
+        if "calibration" in args.metrics:
+            entry["calibration"] = calib.compute()
+        seconds["perplexity_calibration"] = time.perf_counter() - start
+    if "generation" in args.metrics:
+        start = time.perf_counter()
+        entry["generation"] = evaluate_generation(
+            model,
+            tokenizer,
+            prompts,
+            seeds=args.seeds,
+            decoding=args.decoding,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size,
+            featurizer=featurizer,
+            reference_features=reference_features,
+        )
+        entry["generation"]["human"] = repetition_summary(reference_tokens(tokenizer, prompts, args.max_new_tokens))
+        seconds["generation"] = time.perf_counter() - start
+    if "downstream" in args.metrics:
+        from .lm_eval_adapter import run_lm_eval
+
+        start = time.perf_counter()
+        entry["downstream"] = run_lm_eval(
+            model,
+            tokenizer,
+            args.lm_eval_tasks,
+            include_path=args.lm_eval_include_path,
+            num_fewshot=args.lm_eval_num_fewshot,
+            limit=int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit,
+            batch_size=args.lm_eval_batch_size,
+        )
+        seconds["downstream"] = time.perf_counter() - start
+    entry["seconds"] = seconds
+    return entry
+
+
+def _resolve_featurizer(args: EvalArguments, specs: list[ModelSpec], device: str) -> Featurizer | None:
+    choice = args.featurizer
+    if choice == "none" or "generation" not in args.metrics:
+        return None
+    if choice == "auto":
+        try:
+            return Featurizer("gpt2-large", max_length=args.mauve_max_length, device=device)
+        except Exception as err:  # offline / no cache: any local model will do, but say so
+            logger.warning(
+                "gpt2-large (the paper's MAUVE featurizer) cannot be loaded (%s); using the base model.", err
+            )
+            choice = "base"
+    if choice == "base":
+        first = specs[0]
+        base = parse_model_spec(first.base) if first.kind == "adapter" else first
+        if base.kind == "gguf":
+            folder, name = os.path.split(os.path.abspath(base.path))
+            return Featurizer(folder, max_length=args.mauve_max_length, device=device, gguf_file=name)
+        return Featurizer(base.path, max_length=args.mauve_max_length, device=device)
+    return Featurizer(choice, max_length=args.mauve_max_length, device=device)
+
+
+@contextmanager
+def atomic_output_dir(output_dir: str, overwrite: bool):
+    """Yield a temporary folder next to `output_dir`; on success it replaces `output_dir`, on error it is removed."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(output_dir):
+            if not overwrite:
+                raise FileExistsError(f"{output_dir} appeared while evaluating; pass --overwrite to replace it.")
+            old = tmp + ".old"
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_evaluation(args: EvalArguments) -> dict:
+    """Evaluate every model of `args.models` on `args.eval_data` and write the report to `args.output_dir`.
+
+    Returns:
+        `dict`: the content of `results.json` (settings, featurizer, per-model results).
+    """
+    from .report import write_report
+
+    if not args.models:
+        raise ValueError("No model to evaluate: pass --models MODEL [MODEL ...].")
+    if not args.eval_data:
+        raise ValueError("No held-out text: pass --eval_data (a saved calibration set, a file or a folder).")
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"{args.output_dir} exists: pass --overwrite to replace it, or another --output_dir.")
+    if args.lm_eval_include_path and not os.path.isdir(args.lm_eval_include_path):
+        raise FileNotFoundError(f"--lm_eval_include_path {args.lm_eval_include_path} is not a folder.")
+    specs = [parse_model_spec(m, args.base_model) for m in args.models]
+    for spec in specs:
+        check_loadable(spec)
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Two models share a label in {labels}: name them with label=path.")
+    all_documents = pack_short_documents(
+        load_eval_documents(args.eval_data, split=args.split, text_field=args.text_field), args.min_document_words
+    )
+    # The word budget bounds the perplexity pass; prompts may come from any held-out document.
+    documents = truncate_words(all_documents, args.max_eval_words)
+    prompts = []
+    if "generation" in args.metrics:
+        prompts = cut_prompts(
+            all_documents,
+            prefix_words=args.prefix_words,
+            continuation_words=args.continuation_words,
+            num_prompts=args.num_prompts,
+        )
+        if not prompts:
+            raise ValueError(
+                f"No paragraph of {args.eval_data} has the {args.prefix_words + args.continuation_words + 10} words a "
+                "generation prompt needs: lower --prefix_words/--continuation_words, raise --max_eval_words, or "
+                "drop generation from --metrics."
+            )
+        if len(prompts) < args.num_prompts:
+            logger.warning("Only %d generation prompts could be cut (asked for %d).", len(prompts), args.num_prompts)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    featurizer = _resolve_featurizer(args, specs, device)
+    if featurizer is not None and len(prompts) < 100:
+        logger.warning(
+            "MAUVE from %d prompts clusters into %d buckets and is coarse (values near 1 say little); use a few "
+            "hundred prompts for MAUVE to discriminate, and read rep-n and perplexity meanwhile.",
+            len(prompts),
+            max(2, round(len(prompts) / 10)),
+        )
+    reference_features = featurizer([p.reference for p in prompts]) if featurizer else None
+
+    results = {
+        "settings": asdict(args),
+        "featurizer": featurizer.name if featurizer else None,
+        "num_documents": len(documents),
+        "num_words": sum(count_words(d) for d in documents),
+        "num_prompts": len(prompts),
+        "device": device,
+        "models": [],
+    }
+    with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
+        os.makedirs(os.path.join(tmp, "samples"))
+        for spec in specs:
+            logger.info("Evaluating %s (%s: %s)", spec.label, spec.kind, spec.path)
+            model, tokenizer = load_model(spec, dtype=args.dtype, device=device)
+            entry = {"label": spec.label, "path": spec.path, "kind": spec.kind, "base": spec.base}
+            entry.update(evaluate_model(model, tokenizer, documents, prompts, args, featurizer, reference_features))
+            samples = entry.get("generation", {}).pop("samples", {})
+            sample_file = os.path.join(tmp, "samples", re.sub(r"[^\w.-]", "_", spec.label) + ".jsonl")
+            with open(sample_file, "w", encoding="utf-8") as f:
+                for mode, by_seed in samples.items():
+                    for seed, texts in by_seed.items():
+                        for prompt, text in zip(prompts, texts):
+                            row = {"mode": mode, "seed": seed, "prefix": prompt.prefix, "human": prompt.reference}
+                            f.write(json.dumps({**row, "model": text}) + "\n")
+            entry["trainer_state"] = find_trainer_state(spec.path)
+            results["models"].append(entry)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        write_report(results, tmp)
+    return results
