@@ -12,6 +12,7 @@ _LAZY = {
     "emo_loss": "emo_calibrate.loss",
     "EMOLoss": "emo_calibrate.loss",
     "EMOLossOutput": "emo_calibrate.loss",
+    "fused_linear_emo_loss": "emo_calibrate.fused",
     "EMOConfig": "emo_calibrate.config",
     "EMOTrainer": "emo_calibrate.trainer",
     "build_calibration_set": "emo_calibrate.data",
