@@ -4,7 +4,7 @@ Cases, all from the same hidden states H (N, d), a frozen output embedding W (V,
 
   naive_ce        full logits + F.cross_entropy (what a plain causal LM computes; logits upcast to fp32)
   naive_emo       the official EMO code's computation on full fp32 logits: one-hot p~ @ Ê, q @ Ê, detached target mass
-  fused_emo       emo_calibrate.fused.fused_linear_emo_loss (token chunks, gradient computed in forward)
+  fused_emo       emo_calibrate.losses.fused.fused_linear_emo_loss (token chunks, gradient computed in forward)
   chunked_ce      a token-chunked cross-entropy, gradient computed in forward, with fused_emo's chunk rule: its fp32
                   working buffer (one (n_c, V) tensor; fused_emo has two) takes the same bytes, so 2x the tokens
   chunked_ce_same the same chunked cross-entropy at fused_emo's token count (half chunked_ce's memory)
@@ -72,7 +72,7 @@ def naive_emo(hidden, weight, targets, cost):
 
 
 def fused_emo(hidden, weight, targets, chunk_size=None):
-    from emo_calibrate.fused import fused_linear_emo_loss
+    from emo_calibrate.losses.fused import fused_linear_emo_loss
 
     return fused_linear_emo_loss(hidden, weight, targets, chunk_size=chunk_size).loss
 
@@ -125,7 +125,7 @@ def trl_chunked(hidden, weight, targets):
 
 
 def make_steps(cases, hidden, weight, targets, fused_chunk):
-    from emo_calibrate.fused import FP32_BUFFERS_PER_TOKEN, auto_chunk_size
+    from emo_calibrate.losses.fused import FP32_BUFFERS_PER_TOKEN, auto_chunk_size
 
     n, vocab = hidden.shape[0], weight.shape[0]
     emo_chunk = fused_chunk or auto_chunk_size(n, vocab, hidden.numel() * hidden.element_size(), hidden.device.type)

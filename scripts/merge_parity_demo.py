@@ -5,7 +5,7 @@
         --train_dtype float32
 
 `--base` is a plain transformers folder (config, safetensors, tokenizer), by default SmolLM2-135M from
-`emo_calibrate.assets.smollm2_path()`; `--tiny` builds the test suite's tiny Llama instead. The adapter is LoRA on all linear layers
+`emo_calibrate.demo.assets.smollm2_path()`; `--tiny` builds the test suite's tiny Llama instead. The adapter is LoRA on all linear layers
 of the NF4 + double-quant base loaded and computing in `--train_dtype` (bf16 by default, as a GPU QLoRA run would use):
 `--init trained` trains it for `--steps` AdamW steps with a plain torch loop so that B != 0; `--init random` uses
 PEFT's `init_lora_weights=False` instead. Nothing here goes into the package; the figures go to docs/merge.md.
@@ -33,7 +33,8 @@ def train_adapter(base: str, adapter_dir: str, args, seed: int = 0) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from emo_calibrate.quantization import disable_cpu_4bit_repacking, save_quantization_record
+    from emo_calibrate.export.records import save_quantization_record
+    from emo_calibrate.utils.quantization import disable_cpu_4bit_repacking
 
     torch.manual_seed(seed)
     dtype = getattr(torch, args.train_dtype)
@@ -72,10 +73,10 @@ def context_figures(adapter_dir: str) -> None:
     """How strong the adapter is and how lossy 4-bit is here: the scale against which the parity figures read."""
     from peft import PeftModel
 
-    from emo_calibrate.merge import _load_base
-    from emo_calibrate.merge_plan import make_merge_plan
-    from emo_calibrate.parity import compare_logits, prompt_logits
-    from emo_calibrate.quantization import disable_cpu_4bit_repacking
+    from emo_calibrate.export.merge import _load_base
+    from emo_calibrate.export.parity import compare_logits, prompt_logits
+    from emo_calibrate.export.plan import make_merge_plan
+    from emo_calibrate.utils.quantization import disable_cpu_4bit_repacking
 
     plan = make_merge_plan(adapter_dir, adapter_dir + "-unused", dtype="float32")
     tokenizer = plan.load_tokenizer()
@@ -94,7 +95,9 @@ def context_figures(adapter_dir: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", help="plain transformers model folder (default: SmolLM2-135M, emo_calibrate.assets)")
+    parser.add_argument(
+        "--base", help="plain transformers model folder (default: SmolLM2-135M, emo_calibrate.demo.assets)"
+    )
     parser.add_argument("--tiny", action="store_true", help="build and use the tests' tiny Llama")
     parser.add_argument("--init", choices=["trained", "random"], default="trained")
     parser.add_argument("--train_dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -108,7 +111,7 @@ def main():
 
     import torch
 
-    from emo_calibrate.merge import merge_adapter
+    from emo_calibrate.export.merge import merge_adapter
 
     torch.set_num_threads(args.threads)
     if args.tiny:
@@ -116,7 +119,7 @@ def main():
 
         args.base = build_tiny_model_dir(os.path.join(args.workdir, "tiny-base"))
     elif args.base is None:
-        from emo_calibrate.assets import smollm2_path
+        from emo_calibrate.demo.assets import smollm2_path
 
         args.base = str(smollm2_path())
     adapter_dir = os.path.join(args.workdir, "adapter")

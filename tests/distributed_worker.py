@@ -1,6 +1,6 @@
 """Run `emo-calibrate train` in one process of a distributed launch and record what this rank saw.
 
-Used by tests/test_distributed.py through `accelerate launch --cpu --num_processes 2`. Usage:
+Used by tests/training/test_distributed.py through `accelerate launch --cpu --num_processes 2`. Usage:
 `distributed_worker.py RECORD_DIR -- TRAIN_ARGS...`; writes RECORD_DIR/rank{RANK}.json with the logged losses, the
 world size and a checksum of this rank's LoRA weights.
 """

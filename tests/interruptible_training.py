@@ -1,4 +1,4 @@
-"""A long tiny-model training run for tests/test_resume.py to interrupt with a real SIGTERM.
+"""A long tiny-model training run for tests/training/test_resume.py to interrupt with a real SIGTERM.
 
 Usage: python interruptible_training.py MODEL_DIR OUTPUT_DIR. Prints "step N" after every optimizer step; on
 interruption prints the error message to stderr and exits with its exit code (128 + signal number).
@@ -13,12 +13,15 @@ for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "H
     os.environ.setdefault(name, "1")
 
 import torch  # noqa: E402
-from test_trainer import lora, make_args  # noqa: E402
-from tiny_models import tiny_text_dataset  # noqa: E402
+from tiny_models import (  # noqa: E402
+    lora,
+    make_args,
+    tiny_text_dataset,  # noqa: E402
+)
 from transformers import TrainerCallback  # noqa: E402
 
 from emo_calibrate import EMOTrainer  # noqa: E402
-from emo_calibrate.callbacks import TrainingStopped  # noqa: E402
+from emo_calibrate.training.callbacks import TrainingStopped  # noqa: E402
 
 
 class Announce(TrainerCallback):

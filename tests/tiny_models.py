@@ -1,7 +1,8 @@
 """Tiny causal LMs and a word-level tokenizer built in-process, so tests never touch a model hub.
 
 `build_tiny_model_dir(path, arch)` writes a model folder (config, safetensors weights, tokenizer) that every code
-path loads with `from_pretrained(path)`, exactly as a user's model id or folder would be loaded.
+path loads with `from_pretrained(path)`, exactly as a user's model id or folder would be loaded. `make_args`, `lora`,
+`nf4` and `nf4_config` are the training settings the tests share (one place for all of them).
 """
 
 import os
@@ -86,3 +87,55 @@ def tiny_text_dataset(n: int = 32):
     from datasets import Dataset
 
     return Dataset.from_dict({"text": [SENTENCES[i % len(SENTENCES)] for i in range(n)]})
+
+
+# ---- shared training settings -------------------------------------------------------------------------------------
+
+
+def make_args(tmp_path, **overrides):
+    """A short, deterministic `EMOConfig` for tiny models: 3 steps of 4 x 32 tokens, fp32, no checkpoints."""
+    from emo_calibrate import EMOConfig
+
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        logging_steps=1,
+        max_length=32,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        data_seed=0,
+    )
+    values.update(overrides)
+    return EMOConfig(**values)
+
+
+def lora(**overrides):
+    """LoRA r=4 on every linear layer of the blocks (the head stays frozen: it is the EMO cost embedding)."""
+    from peft import LoraConfig
+
+    values = dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0)
+    values.update(overrides)
+    return LoraConfig(**values)
+
+
+def nf4():
+    """NF4 without double quantisation, float32 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def nf4_config():
+    """NF4 + double quantisation, float32 compute: the 4-bit setting of the merge tests."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )

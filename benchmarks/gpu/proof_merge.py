@@ -2,7 +2,7 @@
 with the adapter model it came from.
 
 The base is written to disk first (random weights, unquantised) and loaded in 4-bit from there, as a user's
-checkpoint is. The merge is `emo_calibrate.merge.merge_adapter` (dequantised base) when the package has it, else PEFT's
+checkpoint is. The merge is `emo_calibrate.export.merge.merge_adapter` (dequantised base) when the package has it, else PEFT's
 `merge_and_unload` on the dequantised base (`model.dequantize()`), so the check runs on any version of the package.
 """
 
@@ -99,7 +99,7 @@ def _merge(adapter_dir, merged_dir, base_dir, device, dtype):
 
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
     try:
-        from emo_calibrate.merge import merge_adapter
+        from emo_calibrate.export.merge import merge_adapter
     except ImportError:
         merge_adapter = None
     if merge_adapter is not None:
@@ -121,7 +121,7 @@ def _merge(adapter_dir, merged_dir, base_dir, device, dtype):
     build_tokenizer().save_pretrained(merged_dir)
     del base, merged
     free_memory()
-    return "peft merge_and_unload on the dequantized base (emo_calibrate.merge not available)", None
+    return "peft merge_and_unload on the dequantized base (emo_calibrate.export.merge not available)", None
 
 
 def parity(adapter_model, merged_model, input_ids) -> dict:

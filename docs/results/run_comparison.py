@@ -32,7 +32,9 @@ def parse_args(argv=None):
     parser.add_argument("--logging_steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine).")
-    parser.add_argument("--model", default=None, help="Model folder; default: emo_calibrate.assets.smollm2_path().")
+    parser.add_argument(
+        "--model", default=None, help="Model folder; default: emo_calibrate.demo.assets.smollm2_path()."
+    )
     return parser.parse_args(argv)
 
 
@@ -46,7 +48,7 @@ def main(argv=None):
     from peft import LoraConfig
 
     from emo_calibrate import EMOConfig, EMOTrainer
-    from emo_calibrate.assets import smollm2_path
+    from emo_calibrate.demo.assets import smollm2_path
 
     torch.set_num_threads(args.threads)
     model = args.model or str(smollm2_path())

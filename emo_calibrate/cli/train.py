@@ -14,7 +14,7 @@ emo-calibrate train --model_name_or_path ./my-model --dataset_name sentences.jso
 
 The arguments are those of TRL's `sft` script: `ScriptArguments` (dataset), `EMOConfig` (training and the EMO loss)
 and `ModelConfig` (model, quantisation, LoRA), plus the few options of `TrainOptions`. Without `--config`, the demo
-recipe (`emo_calibrate/demo.yaml`) supplies the defaults, and a missing model or dataset is the demo's.
+recipe (`emo_calibrate/demo/recipe.yaml`) supplies the defaults, and a missing model or dataset is the demo's.
 """
 
 import logging
@@ -62,7 +62,7 @@ def make_parser(prog: str = PROG):
     """TRL's parser over (ScriptArguments, EMOConfig, ModelConfig, TrainOptions): `--config` YAML + CLI overrides."""
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    from ..config import EMOConfig
+    from ..training.config import EMOConfig
 
     return TrlParser((ScriptArguments, EMOConfig, ModelConfig, TrainOptions), prog=prog, description=DESCRIPTION)
 
@@ -294,16 +294,14 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
 
     from trl import get_peft_config, get_quantization_config
 
-    from ..demo import demo_dataset, demo_model
-    from ..trainer import EMOTrainer
+    from ..demo import DEMO_RECIPE, demo_dataset, demo_model
+    from ..training.trainer import EMOTrainer
 
     options = options or TrainOptions()
     start = time.perf_counter()
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     if uses_demo_recipe:
-        say(
-            f"[emo-calibrate] No --config given: using the embedded demo recipe ({Path(__file__).parents[1]}/demo.yaml)."
-        )
+        say(f"[emo-calibrate] No --config given: using the embedded demo recipe ({DEMO_RECIPE}).")
     _check_output_dir(training_args.output_dir, options, training_args)
 
     if script_args.dataset_name:

@@ -80,7 +80,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _read_wikipedia_excerpt(args: DataArguments) -> Source:
-    from emo_calibrate.assets import GENSIM, sha256_file, wikipedia_articles, wikipedia_excerpt_path
+    from emo_calibrate.demo.assets import GENSIM, sha256_file, wikipedia_articles, wikipedia_excerpt_path
 
     path = wikipedia_excerpt_path()
     articles = wikipedia_articles(path)

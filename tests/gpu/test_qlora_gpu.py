@@ -99,8 +99,8 @@ def test_emo_steps_on_cuda_move_every_lora_tensor(tiny_llama_dir, tiny_dataset, 
 @pytest.mark.parametrize("weighting", ["emo_anchored", "mle_anchored", "mle"])
 def test_fused_head_matches_the_reference_on_cuda_bf16(weighting):
     """The fused bf16 head against the reference loss computed in fp32 from the same bf16 inputs."""
-    from emo_calibrate.fused import fused_linear_emo_loss
-    from emo_calibrate.loss import emo_loss
+    from emo_calibrate.losses.fused import fused_linear_emo_loss
+    from emo_calibrate.losses.reference import emo_loss
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     n, d, vocab = 300, 64, 1000
@@ -132,7 +132,9 @@ def test_merge_on_cuda_keeps_the_distribution(tiny_llama_dir, tmp_path):
     """Merge a 4-bit-trained adapter on CUDA; the merged bf16 model's softmax matches the adapter model's."""
     from peft import get_peft_model
 
-    merge = pytest.importorskip("emo_calibrate.merge", reason="emo_calibrate.merge is not in this checkout")
+    merge = pytest.importorskip(
+        "emo_calibrate.export.merge", reason="emo_calibrate.export.merge is not in this checkout"
+    )
 
     # A non-zero adapter (B is not initialised to zero) so that the merge has something to get wrong.
     adapter_model = get_peft_model(load(tiny_llama_dir), lora(init_lora_weights=False))

@@ -1,0 +1,188 @@
+"""`EMOConfig`: TRL's `SFTConfig` plus the fields of the EMO loss, and nothing else."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .validation import check_mixed_precision_request
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EMOConfig", "COST_EMBEDDING_KEYWORDS"]
+
+COST_EMBEDDING_KEYWORDS = ("frozen", "adaptive")
+WEIGHTING_CHOICES = ("emo_anchored", "mle_anchored", "mle")
+# Metrics (logged by EMOTrainer and the calibration guard) for which lower is better.
+_LOWER_IS_BETTER = ("mle", "emo", "ppl", "ppl_ratio")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+@dataclass
+class EMOConfig(SFTConfig):
+    r"""
+    Configuration for [`EMOTrainer`]: every field of [`~trl.SFTConfig`] plus the parameters of the EMO loss.
+
+    > Parameters that control the EMO loss
+
+    emo_weighting (`str`, *optional*, defaults to `"emo_anchored"`):
+        How cross-entropy (mle) and the EMO term are mixed, per token, with a detached ratio of the two.
+        `"emo_anchored"` = sg(emo/mle)·mle + emo (the official continual fine-tuning default, "EMO-2"; its loss value
+        is 2·emo). `"mle_anchored"` = ½(mle + sg(mle/emo)·emo) ("EMO-1"; its loss value equals cross-entropy unless
+        clamped). `"mle"` = plain cross-entropy with EMO only measured and logged, the A/B baseline.
+    emo_ratio_clamp (`float`, *optional*):
+        Upper bound on the detached mle/emo ratio of `"mle_anchored"` (3.0 in some official variants). Only valid with
+        `emo_weighting="mle_anchored"`.
+    emo_subtract_target_mass (`bool`, *optional*, defaults to `True`):
+        Subtract the target's own (detached) probability from q before the EMO term, as the official code does. The
+        gradient is unchanged; the value gains q_y, which keeps the detached ratios well-conditioned.
+    emo_cost_embedding (`str`, *optional*, defaults to `"frozen"`):
+        Embedding that defines the transport cost 1 - cos(e_i, e_j). `"frozen"`: the model's pretrained output
+        embedding as it is before training (under LoRA the head is frozen, so it is read in place, without a copy).
+        `"adaptive"`: the live output embedding, detached, for runs that train the head. Or a path to a `.safetensors`
+        file or a model folder whose output embedding has the same vocabulary (its width may differ).
+    emo_fused_head (`bool`, *optional*, defaults to `True`):
+        Compute the loss from the last hidden states in token chunks, never materialising the (batch, seq_len, vocab)
+        logits. Models whose head cannot be fused (logit soft-capping or scaling, a head bias) fall back to the
+        reference full-logits path with a log line.
+    emo_chunk_size (`int`, *optional*):
+        Tokens per chunk of the fused head. Default: chosen from the vocabulary and hidden sizes.
+
+    > Parameters of the calibration guard (active only when an eval dataset is given and `eval_strategy` is not "no")
+
+    emo_guard_max_ppl_ratio (`float`, *optional*, defaults to `1.2`):
+        The guard evaluates the starting model once (it switches `eval_on_start` on), then logs `eval_ppl` and
+        `eval_ppl_ratio` (held-out perplexity over the starting one) at every evaluation and warns when the ratio
+        exceeds this bound. `None` turns the guard off. To keep the best checkpoint, use the Trainer's
+        `load_best_model_at_end=True` with `metric_for_best_model="mle"` (or `"ppl"`, `"ppl_ratio"`: these default to
+        lower-is-better).
+    emo_guard_stop (`bool`, *optional*, defaults to `False`):
+        Stop training at the first evaluation whose ratio exceeds `emo_guard_max_ppl_ratio`.
+
+    > Parameters that keep a run safe
+
+    emo_max_nonfinite_steps (`int`, *optional*, defaults to `10`):
+        An optimizer step whose loss or gradient norm is NaN/inf (fp16 overflow, a bad batch) is skipped: its gradients
+        are dropped, the weights and optimizer state stay as they were, and the total is logged as `nonfinite_steps`.
+        After this many such steps in a row, training saves a checkpoint and stops with an error. `0` stops at the
+        first one.
+    """
+
+    emo_weighting: str = field(
+        default="emo_anchored",
+        metadata={
+            "help": "How cross-entropy (mle) and EMO are mixed per token. 'emo_anchored' = sg(emo/mle)*mle + emo "
+            "(official default; loss value = 2*emo), 'mle_anchored' = 0.5*(mle + sg(mle/emo)*emo) (loss value = mle), "
+            "'mle' = plain cross-entropy with EMO only logged (A/B baseline).",
+            "choices": list(WEIGHTING_CHOICES),
+        },
+    )
+    emo_ratio_clamp: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper bound on the detached mle/emo ratio of 'mle_anchored' (3.0 in some official variants)."
+        },
+    )
+    emo_subtract_target_mass: bool = field(
+        default=True,
+        metadata={
+            "help": "Subtract the target's own detached probability from q before the EMO term (official code). "
+            "Same gradient; keeps the detached ratios well-conditioned."
+        },
+    )
+    emo_cost_embedding: str = field(
+        default="frozen",
+        metadata={
+            "help": "Embedding defining the transport cost 1 - cos: 'frozen' (the pretrained output embedding before "
+            "training), 'adaptive' (the live head, detached), or a path to a .safetensors file or a model folder "
+            "with the same vocabulary."
+        },
+    )
+    emo_fused_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute EMO from hidden states in token chunks without the full logits (falls back to the "
+            "reference path, with a log line, where the model's head cannot be fused)."
+        },
+    )
+    emo_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per chunk of the fused head (default: chosen from vocabulary and hidden size)."},
+    )
+
+    # ---- calibration guard (training/callbacks.py) ----
+    emo_guard_max_ppl_ratio: float | None = field(
+        default=1.2,
+        metadata={
+            "help": "Calibration guard, active with an eval dataset: evaluate the starting model once, log eval_ppl and "
+            "eval_ppl_ratio (held-out perplexity / starting one) at every evaluation, warn past this ratio. None: off."
+        },
+    )
+    emo_guard_stop: bool = field(
+        default=False,
+        metadata={"help": "Stop training at the first evaluation whose perplexity ratio exceeds the guard's bound."},
+    )
+
+    # ---- reliability (issue 7) ----
+    emo_max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Optimizer steps with a NaN/inf loss or gradient norm are skipped (and counted in the logged "
+            "'nonfinite_steps'); after this many in a row, training saves a checkpoint and stops with an error. "
+            "0 stops at the first one."
+        },
+    )
+
+    def __post_init__(self):
+        # The guard's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
+        # "loss": set the direction unless the user did.
+        best = (self.metric_for_best_model or "").removeprefix("eval_")
+        if self.greater_is_better is None and best in _LOWER_IS_BETTER:
+            self.greater_is_better = False
+        # SFTConfig turns bf16 on by default, which raises on a machine without an accelerator. Only when the user
+        # left bf16 unset, fall back to fp32 there instead of failing.
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not _has_accelerator():
+            logger.info("No GPU found: training in float32 (set bf16=True with use_cpu=True for CPU autocast).")
+            self.bf16 = False
+        check_mixed_precision_request(self)  # a clearer message than TrainingArguments' for bf16 without support
+        super().__post_init__()
+
+        if self.emo_weighting not in WEIGHTING_CHOICES:
+            raise ValueError(
+                f"emo_weighting={self.emo_weighting!r} is not one of {list(WEIGHTING_CHOICES)}. Use 'emo_anchored' "
+                "(the paper's continual fine-tuning default), 'mle_anchored', or 'mle' for an MLE baseline."
+            )
+        if self.emo_ratio_clamp is not None:
+            if self.emo_weighting != "mle_anchored":
+                raise ValueError(
+                    f"emo_ratio_clamp={self.emo_ratio_clamp} only applies to emo_weighting='mle_anchored' "
+                    f"(got {self.emo_weighting!r}). Remove emo_ratio_clamp or switch the weighting."
+                )
+            if not self.emo_ratio_clamp > 0:
+                raise ValueError(
+                    f"emo_ratio_clamp must be > 0 (the official value is 3.0), got {self.emo_ratio_clamp}."
+                )
+        if self.emo_cost_embedding not in COST_EMBEDDING_KEYWORDS and not os.path.exists(self.emo_cost_embedding):
+            raise ValueError(
+                f"emo_cost_embedding={self.emo_cost_embedding!r} is neither 'frozen', 'adaptive' nor an existing path. "
+                "Pass 'frozen' (default), 'adaptive', or the path of a .safetensors file / model folder."
+            )
+        if self.emo_guard_max_ppl_ratio is not None and not self.emo_guard_max_ppl_ratio > 1:
+            raise ValueError(
+                f"emo_guard_max_ppl_ratio must be > 1 (e.g. 1.2 = warn at +20% held-out perplexity), got "
+                f"{self.emo_guard_max_ppl_ratio}. Use None to turn the calibration guard off."
+            )
+        if self.emo_chunk_size is not None and self.emo_chunk_size < 1:
+            raise ValueError(f"emo_chunk_size must be a positive number of tokens, got {self.emo_chunk_size}.")
+        if self.emo_max_nonfinite_steps < 0:
+            raise ValueError(
+                f"emo_max_nonfinite_steps must be >= 0 (0 stops at the first NaN/inf step), got "
+                f"{self.emo_max_nonfinite_steps}."
+            )

@@ -1,0 +1,475 @@
+"""Checks that turn bad input into one clear error (what is wrong, and the fix) before any long work starts.
+
+`EMOTrainer` calls `validate_trainer_inputs` before the model is loaded and `validate_prepared_trainer` once the model
+is loaded and the datasets are tokenized, before the first step. Each `check_*` function is usable on its own (the
+`emo-calibrate` commands call them before building a trainer). Every guarded case is listed in docs/troubleshooting.md.
+"""
+
+import inspect
+import logging
+import math
+import os
+import shutil
+import tempfile
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "check_causal_lm",
+    "check_causal_lm_instance",
+    "check_dataset",
+    "check_device_precision",
+    "check_disk_space",
+    "check_mixed_precision_request",
+    "check_model_path",
+    "check_model_weights",
+    "check_output_dir",
+    "check_quantization",
+    "check_tokenizer_padding",
+    "check_training_targets",
+    "count_targets",
+    "estimate_output_bytes",
+    "validate_prepared_trainer",
+    "validate_trainer_inputs",
+]
+
+_GIB = 1024**3
+
+
+# ---- the model --------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else (absolute, relative, nested) can only be a local path.
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+
+
+def check_model_path(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None) -> None:
+    """Check that a model id / folder can be loaded: a local model folder, or a Hub id that is cached when offline."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(
+                f"{name_or_path} holds a PEFT adapter, not a model (no config.json). Pass the base model as the model "
+                "and this folder as resume_from_checkpoint (to continue training) or as the adapter to merge."
+            )
+        raise ValueError(f"{name_or_path} is not a model folder: it has no config.json. Pass the folder of a model.")
+    if os.path.exists(path):
+        raise ValueError(f"{name_or_path} is a file; pass the model's folder (with config.json) or a Hub id.")
+    if _looks_like_path(name_or_path):
+        raise ValueError(f"The model path {name_or_path} does not exist. Check the path (relative to {os.getcwd()}).")
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir, revision=revision)
+    if is_offline_mode() and not isinstance(cached, str):
+        raise ValueError(
+            f"{name_or_path} is neither a local folder nor in the Hugging Face cache, and offline mode "
+            "(HF_HUB_OFFLINE=1) forbids downloading it. Download it first, or pass the path of a local model folder."
+        )
+
+
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+
+
+def _is_causal_lm_name(name: str, known: set[str]) -> bool:
+    return name in known or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _not_causal_error(what: str, arch: str) -> ValueError:
+    return ValueError(
+        f"{what} is a {arch}, not a causal language model with an LM head. EMO trains next-token prediction: use a "
+        "decoder-only checkpoint whose architecture is a `...ForCausalLM` (e.g. LlamaForCausalLM)."
+    )
+
+
+def check_causal_lm(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False, cache_dir: str | None = None
+):
+    """Check from its config alone (no weights loaded) that `name_or_path` is a causal LM. Returns the config."""
+    check_model_path(name_or_path, revision=revision, cache_dir=cache_dir)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, cache_dir=cache_dir
+        )
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise  # transformers' own message names the option
+        raise ValueError(f"Cannot read the config of {name_or_path}: {error}") from error
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        raise ValueError(
+            f"The config of {name_or_path} lists no `architectures`, so the model class is unknown. Load it yourself "
+            "with AutoModelForCausalLM.from_pretrained(...) and pass the model object."
+        )
+    auto_map = getattr(config, "auto_map", None) or {}
+    if not (_is_causal_lm_name(architectures[0], _causal_lm_class_names()) or "AutoModelForCausalLM" in auto_map):
+        raise _not_causal_error(f"{name_or_path} ({config.model_type})", architectures[0])
+    return config
+
+
+def check_causal_lm_instance(model) -> None:
+    """Check that a model object (possibly PEFT-wrapped) is a causal LM with an output embedding."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    known = _causal_lm_class_names()
+    names = [cls.__name__ for cls in type(base).__mro__]
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False) or not any(
+        _is_causal_lm_name(name, known) for name in names
+    ):
+        raise _not_causal_error("The model", type(base).__name__)
+    if base.get_output_embeddings() is None:
+        raise _not_causal_error("The model", f"{type(base).__name__} without output embedding")
+
+
+def check_model_weights(folder: str, *, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files (`.bin`, `.pt`), unless allowed."""
+    if not os.path.isdir(folder):
+        return  # a Hub id: `use_safetensors=True` makes transformers refuse pickles there
+    names = os.listdir(folder)
+    if any(n.endswith(".safetensors") for n in names) or allow_pickle:
+        return
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickles:
+        raise ValueError(
+            f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}); pickle can run code when "
+            "loaded, so they are refused. Convert them once, in a trusted environment, with "
+            "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)` (writes safetensors), or, if you "
+            "trust the file, allow it with model_init_kwargs={'use_safetensors': False} (read with weights_only=True)."
+        )
+
+
+# ---- hardware and precision ---------------------------------------------------------------------------------------
+
+
+def check_mixed_precision_request(config) -> None:
+    """Called by `EMOConfig` before `TrainingArguments` validates: bf16 where the hardware cannot do it."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    wants_bf16 = config.bf16 or (config.bf16 is None and not config.fp16) or config.bf16_full_eval
+    if not wants_bf16 or config.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return
+    if torch.cuda.is_available():
+        raise ValueError(
+            f"bf16 was asked for, but this GPU ({torch.cuda.get_device_name()}) has no bfloat16 support (it needs an "
+            "Ampere or newer GPU). Set fp16=True (with bf16=False) or bf16=False for float32."
+        )
+    raise ValueError(
+        "bf16=True was asked for, but no GPU with bfloat16 support was found. Set bf16=False to train in float32, or "
+        "use_cpu=True to train on the CPU with bfloat16 autocast."
+    )
+
+
+def check_device_precision(args) -> None:
+    """fp16 mixed precision needs a GPU: on the CPU it would be silently ignored."""
+    if args.fp16 and args.device.type == "cpu":
+        raise ValueError(
+            "fp16=True was asked for, but training runs on the CPU, where fp16 mixed precision is not available (it "
+            "would silently train in float32). Set fp16=False, or bf16=True with use_cpu=True for CPU autocast."
+        )
+
+
+def _wants_bitsandbytes(quantization_config) -> bool:
+    if quantization_config is None:
+        return False
+    get = (
+        quantization_config.get
+        if isinstance(quantization_config, dict)
+        else lambda k: getattr(quantization_config, k, None)
+    )
+    return bool(get("load_in_4bit") or get("load_in_8bit"))
+
+
+def check_quantization(quantization_config, device_type: str) -> None:
+    """4-bit / 8-bit loading needs bitsandbytes with a backend for the device the model trains on."""
+    if not _wants_bitsandbytes(quantization_config):
+        return
+    fix = "Install a bitsandbytes build for this machine (`pip install -U bitsandbytes`) or drop load_in_4bit/8bit."
+    try:
+        import bitsandbytes as bnb
+    except Exception as error:  # ImportError, or a broken native library raising at import
+        raise ValueError(
+            f"4-bit/8-bit loading needs bitsandbytes, which cannot be imported ({error}). {fix}"
+        ) from None
+    supported = getattr(bnb, "supported_torch_devices", {"cuda"})
+    if device_type not in supported:
+        raise ValueError(
+            f"bitsandbytes {bnb.__version__} has no backend for the {device_type!r} device that would train this model "
+            f"(it supports {sorted(supported)}). {fix}"
+        )
+    if device_type == "cuda":
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+        if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+            raise ValueError(f"bitsandbytes' CUDA library failed to load, so 4-bit layers cannot run. {fix}")
+
+
+# ---- the output folder ----------------------------------------------------------------------------------------------
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_dir(path: str) -> None:
+    """Check that `path` is (or can be created as) a folder this process can write, with a real write probe."""
+    ancestor = _existing_ancestor(path)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"output_dir={path!r} cannot be created: {ancestor} is a file. Choose another output_dir.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".emo-write-test-", dir=ancestor)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(
+            f"output_dir={path!r} is not writable ({error.strerror or error} in {ancestor}). Choose a folder you can "
+            "write to, or fix its permissions."
+        ) from None
+
+
+def estimate_output_bytes(trainer) -> dict:
+    """Estimate the disk space a run needs: the saved weights, and the checkpoints kept at the same time.
+
+    Weights: the trainable tensors for a PEFT adapter, every tensor for a full model, in their own dtype. A checkpoint
+    adds the optimizer state (2 tensors per trainable parameter for Adam-type optimizers, 1 byte each for 8-bit ones).
+    Rotation writes a new checkpoint before deleting the oldest, so `save_total_limit + 1` can exist at once.
+
+    Returns:
+        `dict` with `weights`, `optimizer`, `checkpoints` (how many can exist at once) and `total` (bytes, including
+        32 MiB per save for the tokenizer, trainer state and RNG files).
+    """
+    args, model = trainer.args, trainer.model
+    params = list(model.parameters())  # shared (tied) parameters are listed once
+    trainable = [p for p in params if p.requires_grad]
+    saved = trainable if hasattr(model, "peft_config") else params
+    weights = sum(p.numel() * p.element_size() for p in saved)
+    optim = str(args.optim)
+    per_param = 2 if "8bit" in optim else 0 if "adafactor" in optim else None
+    optimizer = sum(p.numel() * (per_param if per_param is not None else 2 * p.element_size()) for p in trainable)
+
+    saves = 0
+    strategy = getattr(args.save_strategy, "value", args.save_strategy)
+    if strategy != "no":
+        steps = args.max_steps
+        if steps <= 0 and hasattr(trainer.train_dataset, "__len__"):
+            batches = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * args.world_size))
+            steps = math.ceil(batches / args.gradient_accumulation_steps * args.num_train_epochs)
+        if strategy == "steps" and steps > 0:
+            every = math.ceil(args.save_steps * steps) if args.save_steps < 1 else args.save_steps
+            saves = max(1, steps // max(1, int(every)))
+        else:  # per epoch, or "best": at most one per epoch / evaluation; count the epochs
+            saves = max(1, math.ceil(args.num_train_epochs))
+    kept = min(saves, args.save_total_limit) if args.save_total_limit else saves
+    checkpoints = kept + (1 if saves > kept else 0)
+    overhead = 32 * 1024**2
+    total = weights + overhead + checkpoints * (weights + optimizer + overhead)
+    return {"weights": weights, "optimizer": optimizer, "checkpoints": checkpoints, "total": total}
+
+
+def check_disk_space(trainer) -> None:
+    """Refuse to start when the output folder's disk cannot hold the adapter and the checkpoints of the run."""
+    if not trainer.args.should_save:
+        return
+    need = estimate_output_bytes(trainer)
+    ancestor = _existing_ancestor(trainer.args.output_dir)
+    free = shutil.disk_usage(ancestor).free
+    if free < need["total"]:
+        raise ValueError(
+            f"output_dir={trainer.args.output_dir!r} has {free / _GIB:.2f} GiB free, but this run needs about "
+            f"{need['total'] / _GIB:.2f} GiB: the weights ({need['weights'] / _GIB:.2f} GiB) and up to "
+            f"{need['checkpoints']} checkpoints (weights + optimizer state each). Free some space, choose another "
+            "output_dir, or keep fewer checkpoints (save_total_limit, save_steps)."
+        )
+
+
+# ---- tokenizer and datasets ---------------------------------------------------------------------------------------
+
+# Columns SFTTrainer can prepare without a formatting function (besides `dataset_text_field`).
+_PREPARABLE_COLUMNS = ("input_ids", "messages", "conversations")
+
+
+def check_tokenizer_padding(processing_class) -> None:
+    """No pad token is fine when there is an eos token: TRL pads with eos (padding is masked out by length, so eos
+    targets are still learnt). With neither, padding is impossible."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is None or getattr(tokenizer, "pad_token", None) is not None:
+        return
+    if getattr(tokenizer, "eos_token", None) is not None:
+        logger.info("The tokenizer has no pad token: padding with its eos token %r, as TRL does.", tokenizer.eos_token)
+        return
+    raise ValueError(
+        "The tokenizer has neither a pad token nor an eos token, so batches cannot be padded. Set one before "
+        "creating the trainer, e.g. `tokenizer.pad_token = tokenizer.unk_token`, or use the model's own tokenizer."
+    )
+
+
+def _blank_texts(dataset, column: str) -> int:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    blank = 0
+    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=10_000):
+        values = batch[column]
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise ValueError(
+                f"Column {column!r} holds {values.type}, not text. Point dataset_text_field at a text column."
+            )
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
+        blank += pc.sum(pc.fill_null(empty, True)).as_py() or 0
+    return blank
+
+
+def check_dataset(dataset, args, name: str = "train_dataset", formatting_func=None) -> None:
+    """Check, before tokenization, that SFTTrainer can read `dataset` and that its texts are not empty."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_dataset(part, args, f"{name}[{key!r}]", formatting_func)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or formatting_func is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        return  # unknown columns (streamed), or the user formats the rows: nothing to check before preparation
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{name} is empty. Pass a dataset with at least one example.")
+    field = args.dataset_text_field
+    if any(c in columns for c in _PREPARABLE_COLUMNS) or {"prompt", "completion"} <= set(columns):
+        return
+    if field not in columns:
+        raise ValueError(
+            f"{name} has no {field!r} column (its columns: {columns}). Rename your text column "
+            f"(dataset.rename_column('content', {field!r})), set dataset_text_field to it, or give 'messages' or "
+            "'prompt' + 'completion' columns."
+        )
+    if not hasattr(dataset, "select_columns") or not hasattr(dataset, "__len__"):
+        return
+    blank = _blank_texts(dataset, field)
+    if blank == len(dataset):
+        raise ValueError(f"Every text in {name}[{field!r}] is empty, so there is nothing to learn. Check the column.")
+    if blank:
+        logger.warning(
+            "%d of %d texts in %s[%r] are empty: they only teach the model to emit eos. Drop them with "
+            "dataset.filter(lambda row: row[%r].strip()).", blank, len(dataset), name, field, field,
+        )  # fmt: skip
+
+
+def count_targets(dataset, ignore_index: int = -100) -> tuple[int, int]:
+    """Count the target tokens of a tokenized dataset, by batches of rows in Arrow (no Python loop over tokens).
+
+    A target is a label at position >= 1 that is not `ignore_index` (the logits at t predict the label at t + 1); with
+    no `labels` column, every token but the first of a row is one, as for SFTTrainer's collator.
+
+    Returns:
+        `tuple[int, int]`: the number of rows without any target, and the number of targets.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = "labels" if "labels" in dataset.column_names else "input_ids"
+    without, total = 0, 0
+    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=1_000):
+        lists = batch[column].combine_chunks()
+        values = lists.flatten().to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        first = np.ones(len(parents), dtype=bool)
+        first[1:] = parents[1:] != parents[:-1]
+        target = ~first if column == "input_ids" else (values != ignore_index) & ~first
+        counts = np.bincount(parents[target], minlength=len(lists))
+        without += int((counts == 0).sum())
+        total += int(counts.sum())
+    return without, total
+
+
+def check_training_targets(dataset, name: str = "train_dataset", ignore_index: int = -100) -> None:
+    """After tokenization: refuse a dataset without a single target token, warn about examples without one."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_training_targets(part, f"{name}[{key!r}]", ignore_index)
+        return
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "select_columns"):
+        return  # streamed: cannot be scanned up front
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{name} is empty after tokenization: every example lost all its target tokens (e.g. prompts longer than "
+            "max_length, or empty completions). Raise max_length, shorten the prompts, or check the completions."
+        )
+    if not {"labels", "input_ids"} & set(dataset.column_names):
+        return
+    without, total = count_targets(dataset, ignore_index)
+    if total == 0:
+        raise ValueError(
+            f"No token of {name} is a training target: every label is masked (-100) or each example is a single "
+            "token. Check the completion/assistant masks (completion_only_loss, assistant_only_loss), the texts, and "
+            "max_length."
+        )
+    if without:
+        logger.warning(
+            "%d of %d examples of %s have no target token and only cost compute.", without, len(dataset), name
+        )
+
+
+# ---- what EMOTrainer calls ----------------------------------------------------------------------------------------
+
+
+def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None = None) -> dict:
+    """Checks run by `EMOTrainer.__init__` before `SFTTrainer.__init__` loads anything heavy.
+
+    Returns `kwargs`, where a tokenizer that SFTTrainer would have loaded after the model (`processing_class=None`
+    with a model path) is loaded now, so that a missing or unusable tokenizer fails before the weights are read.
+    """
+    from trl import SFTTrainer
+
+    kwargs = dict(kwargs or {})
+    bound = inspect.signature(SFTTrainer.__init__).bind(None, model, args, *pargs, **kwargs).arguments
+    check_output_dir(args.output_dir)
+    check_device_precision(args)
+    init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
+    check_quantization(bound.get("quantization_config") or init_kwargs.get("quantization_config"), args.device.type)
+    processing_class = bound.get("processing_class")
+    if isinstance(model, str):
+        revision, cache_dir = init_kwargs.get("revision"), init_kwargs.get("cache_dir")
+        check_causal_lm(model, revision=revision, trust_remote_code=args.trust_remote_code, cache_dir=cache_dir)
+        check_model_weights(os.path.expanduser(model), allow_pickle=init_kwargs.get("use_safetensors") is False)
+        # Safe by default: transformers must not fall back to pickle weights unless the user allowed it.
+        args.model_init_kwargs = {"use_safetensors": True, **init_kwargs}
+        if processing_class is None:
+            from transformers import AutoProcessor
+
+            try:
+                processing_class = AutoProcessor.from_pretrained(
+                    model, revision=revision, trust_remote_code=args.trust_remote_code, cache_dir=cache_dir
+                )
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"Cannot load a tokenizer from {model} ({error}). Save the model's tokenizer there "
+                    "(tokenizer.save_pretrained(folder)) or pass it as processing_class."
+                ) from None
+            kwargs["processing_class"] = processing_class
+    else:
+        check_causal_lm_instance(model)
+    check_tokenizer_padding(processing_class)
+    for name in ("train_dataset", "eval_dataset"):
+        check_dataset(bound.get(name), args, name, bound.get("formatting_func"))
+    return kwargs
+
+
+def validate_prepared_trainer(trainer) -> None:
+    """Checks run at the end of `EMOTrainer.__init__`: tokenized data and disk space, before the first step."""
+    check_training_targets(trainer.train_dataset, "train_dataset")
+    check_training_targets(trainer.eval_dataset, "eval_dataset")
+    check_disk_space(trainer)

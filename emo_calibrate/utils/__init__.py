@@ -1,0 +1,1 @@
+"""Small helpers shared by training, evaluation and export (no EMO maths here)."""
