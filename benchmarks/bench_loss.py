@@ -30,11 +30,12 @@ On CUDA: one process, wall time with synchronisation, and max_memory_allocated g
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from common import available_gib, machine_info, status_kib  # benchmarks/common.py (this folder is on sys.path)
 
 
 CASES = ("naive_ce", "naive_emo", "fused_emo", "chunked_ce", "chunked_ce_same", "trl_chunked")
@@ -144,9 +145,6 @@ def make_steps(cases, hidden, weight, targets, fused_chunk):
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def _reset_peak():
@@ -167,14 +165,14 @@ def run_once(step, hidden, cuda):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        base = _status_kib("VmRSS") / 1024
+        base = status_kib("VmRSS") / 1024
         _reset_peak()
     wall, cpu = time.perf_counter(), time.process_time()
     step().backward()
     if cuda:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_kib("VmHWM") / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else status_kib("VmHWM") / 1024
     return wall, cpu, peak - base
 
 
@@ -217,28 +215,6 @@ def worker(cases, shape, reps, dtype_name, device, fused_chunk):
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def machine_info(device):
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def available_gib(device):
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[0] / 2**30
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
 
 
 def plan_cases(args, shape):

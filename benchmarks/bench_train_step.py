@@ -30,14 +30,11 @@ import sys
 import tempfile
 import time
 
+from common import machine_info, status_kib  # benchmarks/common.py (this folder is on sys.path)
+
 
 CONFIGS = {"head": (4, 512), "smollm2": (4, 256)}  # batch, sequence length
 TRAINERS = ("sft", "emo", "emo_reference")
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def build_model(config_name, device):
@@ -105,7 +102,7 @@ def worker(config_name, trainer_name, warmup, steps, device):
                     torch.cuda.reset_peak_memory_stats()
                     self.base = torch.cuda.memory_allocated()
                 else:
-                    self.base = _status_kib("VmRSS") * 1024
+                    self.base = status_kib("VmRSS") * 1024
                     with open("/proc/self/clear_refs", "w") as f:
                         f.write("5")
             if cuda:
@@ -120,7 +117,7 @@ def worker(config_name, trainer_name, warmup, steps, device):
                 self.cpu_times.append(time.process_time() - self.cpu_start)
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+            self.peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
@@ -158,20 +155,6 @@ def worker(config_name, trainer_name, warmup, steps, device):
         "peak_mib": timer.peak / 2**20,
         "growth_mib": (timer.peak - timer.base) / 2**20,
     }
-
-
-def machine_info(device):
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def run_case(config_name, trainer_name, args):
