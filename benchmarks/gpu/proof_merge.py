@@ -54,7 +54,7 @@ def merge_check(shape: str, *, device: str, dtype, work_dir: str, args, log) -> 
             max_length=args.merge_seq_len,
             report_to="none",
             save_strategy="no",
-            gradient_checkpointing=True,
+            activation_checkpointing=True,
             bf16=device == "cuda",
             use_cpu=device == "cpu",
             dataset_kwargs={"skip_prepare_dataset": True},

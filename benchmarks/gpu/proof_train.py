@@ -55,7 +55,7 @@ def _training_arguments(kind: str, batch_size: int, args, device: str, dtype):
         max_length=args.seq_len,
         report_to="none",
         save_strategy="no",
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
         bf16=dtype == torch.bfloat16,
         use_cpu=device == "cpu",
         dataset_kwargs={"skip_prepare_dataset": True},  # the dataset is already token ids of exactly seq_len

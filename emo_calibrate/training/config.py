@@ -73,7 +73,25 @@ class EMOConfig(SFTConfig):
         are dropped, the weights and optimizer state stay as they were, and the total is logged as `nonfinite_steps`.
         After this many such steps in a row, training saves a checkpoint and stops with an error. `0` stops at the
         first one.
+
+    > [!NOTE]
+    > Defaults that differ from [`~trl.SFTConfig`]:
+    > - `activation_checkpointing`: `True` unless `gradient_checkpointing` is given (TRL's `gradient_checkpointing=True`
+    >   under the name transformers 5.24 uses; the old name is still accepted, with transformers' deprecation warning).
+    > - `dataloader_pin_memory`: `False` when training on the CPU (pinned memory only speeds up copies to an
+    >   accelerator).
     """
+
+    # TRL's base config defaults the deprecated name to True, so every SFTConfig warns. Leave it unset here and default
+    # `activation_checkpointing` in __post_init__ instead; a user's `gradient_checkpointing` still works (mapped there).
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (transformers 5.24), still accepted.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
 
     emo_weighting: str = field(
         default="emo_anchored",
@@ -141,6 +159,12 @@ class EMOConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        import torch
+
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under its current name
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator; it would do nothing
         # The guard's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
         # "loss": set the direction unless the user did.
         best = (self.metric_for_best_model or "").removeprefix("eval_")

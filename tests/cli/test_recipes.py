@@ -57,6 +57,16 @@ def test_recipe_parses_and_documents_itself(path):
         assert section in text, section
 
 
+@pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: p.name)
+def test_recipes_use_current_option_names(path):
+    """No recipe spells an option that transformers or TRL deprecated (e.g. `gradient_checkpointing`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        parse_recipe(path)
+
+
 def test_unknown_recipe_keys_are_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((RECIPES / "llama2-7b_qlora_emo.yaml").read_text() + "lora_rank: 64\n")
@@ -73,7 +83,7 @@ def test_7b_recipes_have_the_papers_calibration_settings(path):
     assert training_args.max_length == 256 and training_args.packing
     assert training_args.emo_weighting == ("mle" if path.name.endswith("_mle.yaml") else "emo_anchored")
     assert training_args.emo_cost_embedding == "frozen" and training_args.emo_subtract_target_mass
-    assert training_args.bf16 and training_args.gradient_checkpointing
+    assert training_args.bf16 and training_args.activation_checkpointing
     quant = get_quantization_config(model_args)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16

@@ -69,7 +69,7 @@ def test_emo_steps_on_cuda_move_every_lora_tensor(tiny_llama_dir, tiny_dataset, 
 
     args = EMOConfig(
         output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
-        logging_steps=1, max_length=32, report_to="none", save_strategy="no", gradient_checkpointing=True,
+        logging_steps=1, max_length=32, report_to="none", save_strategy="no", activation_checkpointing=True,
         bf16=True, seed=0, model_init_kwargs={"dtype": torch.bfloat16, "device_map": CUDA},
     )  # fmt: skip
     trainer = EMOTrainer(

@@ -80,7 +80,7 @@ def _trainer(path, tmp_path, tiny_dataset, eval_dataset, **overrides):
         save_strategy="no",
         max_length=32,
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         disable_tqdm=True,
         seed=0,
     )
