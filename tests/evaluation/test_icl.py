@@ -240,9 +240,39 @@ def tiny(tiny_llama_dir):
     return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
-@pytest.mark.parametrize("max_rows", [64, 2])  # one pass on the prompt cache, or several on copies of it
-def test_fast_scores_equal_naive_full_forwards(tiny, max_rows):
+def _tiny_gemma3():
+    """A Gemma-3 text model (the study's second base) whose sliding window (5) is shorter than most prompts."""
+    from tiny_models import VOCAB_SIZE
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                torch.nn.init.normal_(param, std=0.3 if "embed" in name else 0.1)
+    return model
+
+
+# one pass on the prompt cache, or several on copies of it; Llama, and Gemma-3 with a sliding-window cache
+@pytest.mark.parametrize("arch,max_rows", [("llama", 64), ("llama", 2), ("gemma3", 2)])
+def test_fast_scores_equal_naive_full_forwards(tiny, arch, max_rows):
     model, tok = tiny
+    model = model if arch == "llama" else _tiny_gemma3()
     items = _tiny_items(tok)
     assert len({len(it.context) for it in items}) > 3  # batches mix prompt lengths: left padding is exercised
     fast = score_items(model, items, pad_token_id=0, batch_size=3, max_rows=max_rows, show_progress=False)
