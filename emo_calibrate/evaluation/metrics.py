@@ -164,7 +164,9 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     a_only = sum(bool(x) and not bool(y) for x, y in zip(correct_a, correct_b))
     b_only = sum(bool(y) and not bool(x) for x, y in zip(correct_a, correct_b))
     n = a_only + b_only
-    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n if n else 0.5
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n
     return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
 
 
