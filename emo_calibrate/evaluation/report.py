@@ -1,14 +1,17 @@
 """The side-by-side report: `report.md` (one table row per model) and PNG plots, from the `results.json` content.
 
 Plots: overlaid reliability diagrams, perplexity bars (document-bootstrap error bars), MAUVE bars (std over seeds),
-degeneration bars (rep-n of sampled and greedy text against human text), and the training curves of adapters whose
-`trainer_state.json` was found.
+degeneration bars (rep-n of sampled and greedy text against human text), in-context-learning accuracy per task
+(bootstrap 95 % intervals), and the training curves of adapters whose `trainer_state.json` was found.
 """
 
 import json
 import logging
 import math
 import os
+
+from .arguments import TEXT_METRICS
+from .metrics import mcnemar, paired_bootstrap_difference
 
 
 __all__ = ["write_report", "plot_training_curves", "TRAINING_CURVE_KEYS"]
@@ -128,10 +131,96 @@ def _plots(results: dict, out: str) -> list[tuple[str, str]]:
     if modes:
         path = _mode_bars(models, modes, "rep-4", "rep-4 (share of repeated 4-grams)", "degeneration, {}", out)
         written.append(("Degeneration (rep-4)", path))
+    if any("icl" in m for m in models):
+        written.append(("In-context learning accuracy", plot_icl(models, os.path.join(out, "icl_accuracy.png"))))
     states = {m["label"]: m["trainer_state"] for m in models if m.get("trainer_state")}
     if states and plot_training_curves(states, os.path.join(out, "training_curves.png")):
         written.append(("Training curves", os.path.join(out, "training_curves.png")))
     return written
+
+
+def plot_icl(models: list[dict], path: str) -> str:
+    """Grouped bars: ICL accuracy of each model on each task, with bootstrap 95 % intervals; chance as dashes."""
+    plt = _plt()
+    models = [m for m in models if "icl" in m]
+    tasks = list(models[0]["icl"])
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(tasks) * len(models) + 1.5), 3.8), constrained_layout=True)
+    width = 0.8 / len(models)
+    for k, m in enumerate(models):
+        xs = [t + (k - (len(models) - 1) / 2) * width for t in range(len(tasks))]
+        res = [m["icl"][task] for task in tasks]
+        low = [r["accuracy"] - r["ci95"][0] for r in res]
+        high = [r["ci95"][1] - r["accuracy"] for r in res]
+        ax.bar(xs, [r["accuracy"] for r in res], width, yerr=[low, high], capsize=3, label=m["label"])
+    for t, task in enumerate(tasks):
+        ax.hlines(models[0]["icl"][task]["chance"], t - 0.45, t + 0.45, colors="grey", linestyles="--")
+    ax.set_xticks(list(range(len(tasks))), tasks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95 % bootstrap CI)")
+    ax.set_title("in-context learning (dashed: chance)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.1f}"
+
+
+def icl_section(results: dict) -> list[str]:
+    """Markdown: ICL accuracy per model and task, and the paired difference of every model against the first."""
+    models = [m for m in results["models"] if "icl" in m]
+    tasks = list(results.get("icl_tasks") or dict.fromkeys(t for m in models for t in m["icl"]))
+    lines = ["## In-context learning", ""]
+    lines += [
+        "Accuracy in % [bootstrap 95 % CI over test items]; `norm`: candidates scored by their mean per-token "
+        "log-probability instead of the sum.",
+        "",
+    ]
+    header = ["model"] + [f"{t} (n={models[0]['icl'][t]['n']})" for t in tasks] + [f"{t} norm" for t in tasks]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in models:
+        r = m["icl"]
+        cells = [f"{_pct(r[t]['accuracy'])} [{_pct(r[t]['ci95'][0])}, {_pct(r[t]['ci95'][1])}]" for t in tasks]
+        cells += [_pct(r[t]["accuracy_norm"]) for t in tasks]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    baselines = [f"{_pct(models[0]['icl'][t]['chance'])} / {_pct(models[0]['icl'][t]['majority'])}" for t in tasks]
+    lines.append("| chance / majority class | " + " | ".join(baselines + ["-"] * len(tasks)) + " |")
+    if len(models) > 1:
+        first = models[0]
+        lines += [
+            "",
+            f"Paired difference against **{first['label']}** (same items, same demonstrations): accuracy "
+            "points [paired bootstrap 95 % CI], exact McNemar p-value, items only this model / only "
+            f"{first['label']} got right.",
+            "",
+        ]
+        lines += ["| model | task | difference | p (McNemar) | wins / losses |", "|---|---|---|---|---|"]
+        for m in models[1:]:
+            for t in tasks:
+                a, b = m["icl"][t]["correct"], first["icl"][t]["correct"]
+                diff, test = paired_bootstrap_difference(a, b, seed=results["settings"]["seed"]), mcnemar(a, b)
+                lines.append(
+                    f"| {m['label']} | {t} | {100 * diff['difference']:+.1f} [{100 * diff['low']:+.1f}, "
+                    f"{100 * diff['high']:+.1f}] | {test['p_value']:.3g} | {test['a_only']} / {test['b_only']} |"
+                )
+    info = results.get("icl_tasks") or {}
+    if info:
+        s = results["settings"]
+        lines += [
+            "",
+            f"Protocol: {s['icl_shots']} demonstrations per prompt ({s['icl_retriever']} retrieval"
+            f"{' by TF-IDF cosine, most similar first' if s['icl_retriever'] == 'topk' else ''}), from a pool "
+            "disjoint from the test items; every candidate label scored by its summed log-probability after "
+            f"the prompt, the arg-max is the prediction; test sample seed {s['icl_seed']}.",
+            "",
+        ]
+        lines += ["| task | test items | pool | template | source |", "|---|---|---|---|---|"]
+        for t, d in info.items():
+            template = d["template"].replace("\n", "\\n").replace("|", "\\|")
+            lines.append(f"| {t} | {d['num_test']} | {d['num_pool']} | `{template}` | {d['source']} |")
+    return lines
 
 
 def _table(results: dict) -> list[str]:
@@ -166,15 +255,11 @@ def _table(results: dict) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def write_report(results: dict, output_dir: str) -> str:
-    """Write `report.md` and its PNG plots into `output_dir`; returns the report's path."""
+def _text_section(results: dict) -> list[str]:
+    """The held-out-text metrics: the side-by-side table and how each number was measured."""
     s = results["settings"]
-    plots = _plots(results, output_dir)
     lines = [
-        "# Evaluation report",
-        "",
-        f"Held-out text: `{s['eval_data']}` ({results['num_documents']} documents, {results['num_words']} words). "
-        f"Device {results['device']}, dtype {s['dtype']}.",
+        f"Held-out text: `{s['eval_data']}` ({results['num_documents']} documents, {results['num_words']} words).",
         "",
         *_table(results),
         "",
@@ -200,19 +285,34 @@ def write_report(results: dict, output_dir: str) -> str:
             f"{max(2, round(results['num_prompts'] / 10))} buckets here; with fewer than a few hundred prompts it is "
             "coarse and values near 1 say little."
         )
+    return lines
+
+
+_TIMED = {
+    "perplexity_calibration": "perplexity+calibration",
+    "generation": "generation",
+    "downstream": "downstream",
+    "icl": "icl",
+}
+
+
+def write_report(results: dict, output_dir: str) -> str:
+    """Write `report.md` and its PNG plots into `output_dir`; returns the report's path."""
+    s = results["settings"]
+    plots = _plots(results, output_dir)
+    lines = ["# Evaluation report", "", f"Device {results['device']}, dtype {s['dtype']}.", ""]
+    if any(group in m for m in results["models"] for group in TEXT_METRICS):
+        lines += _text_section(results)
     if any("downstream" in m for m in results["models"]):
         lines.append(f"- Downstream: lm-evaluation-harness tasks {s['lm_eval_tasks']} (full metrics in results.json).")
-    lines += [
-        "",
-        "## Time (seconds)",
-        "",
-        "| model | " + " | ".join(["perplexity+calibration", "generation", "downstream"]) + " |",
-    ]
-    lines.append("|---|---|---|---|")
+    if any("icl" in m for m in results["models"]):
+        lines += [""] * (lines[-1] != "") + icl_section(results)
+    timed = [k for k in _TIMED if any(k in m.get("seconds", {}) for m in results["models"])]
+    lines += ["", "## Time (seconds)", "", "| model | " + " | ".join(_TIMED[k] for k in timed) + " |"]
+    lines.append("|---|" + "---|" * len(timed))
     for m in results["models"]:
         sec = m.get("seconds", {})
-        cells = [_fmt(sec.get(k), digits=1) for k in ("perplexity_calibration", "generation", "downstream")]
-        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m['label']} | " + " | ".join(_fmt(sec.get(k), digits=1) for k in timed) + " |")
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"### {title}\n\n![{title}]({os.path.basename(path)})\n" for title, path in plots]

@@ -1,7 +1,8 @@
 """Thin runner: load each model (plain, merged, base + adapter, GGUF), run the metric groups, write the report.
 
-Everything that can be checked cheaply (model paths, adapter bases, the text source, the output folder) is checked
-before the first model is loaded. All outputs go to a temporary folder next to `output_dir`, renamed at the end.
+Everything that can be checked cheaply (model paths, adapter bases, the text source, the ICL tasks, the output
+folder) is checked before the first model is loaded; the ICL test items and demonstrations are chosen then too, once
+for all models. All outputs go to a temporary folder next to `output_dir`, renamed at the end.
 """
 
 import gc
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .arguments import EvalArguments
+from .arguments import TEXT_METRICS, EvalArguments
 from .generation import Featurizer, cut_prompts, evaluate_generation, reference_tokens
 from .metrics import CalibrationAccumulator, NLLAccumulator, count_words, repetition_summary
 from .perplexity import score_texts
@@ -143,9 +144,20 @@ def find_trainer_state(path: str) -> str | None:
 
 
 def evaluate_model(
-    model, tokenizer, documents, prompts, args: EvalArguments, featurizer=None, reference_features=None
+    model,
+    tokenizer,
+    documents,
+    prompts,
+    args: EvalArguments,
+    featurizer=None,
+    reference_features=None,
+    icl_tasks=None,
 ):
-    """Run the metric groups of `args.metrics` on one loaded model; returns its results entry (without samples)."""
+    """Run the metric groups of `args.metrics` on one loaded model; returns its results entry (without samples).
+
+    `icl_tasks` are the `PreparedTask`s of `icl.prepare_icl_tasks` (the same for every model); the per-item ICL
+    predictions come back under `icl_predictions`, for the caller to write out.
+    """
     entry, seconds = {}, {}
     if {"perplexity", "calibration"} & set(args.metrics):
         start = time.perf_counter()
@@ -196,6 +208,19 @@ def evaluate_model(
             batch_size=args.lm_eval_batch_size,
         )
         seconds["downstream"] = time.perf_counter() - start
+    if "icl" in args.metrics:
+        from .icl import evaluate_icl
+
+        start = time.perf_counter()
+        entry["icl"], entry["icl_predictions"] = evaluate_icl(
+            model,
+            tokenizer,
+            icl_tasks,
+            batch_size=args.icl_batch_size,
+            add_special_tokens=args.add_special_tokens,
+            bootstrap_seed=args.seed,
+        )
+        seconds["icl"] = time.perf_counter() - start
     entry["seconds"] = seconds
     return entry
 
@@ -220,6 +245,16 @@ def _resolve_featurizer(args: EvalArguments, specs: list[ModelSpec], device: str
             return Featurizer(folder, max_length=args.mauve_max_length, device=device, gguf_file=name)
         return Featurizer(base.path, max_length=args.mauve_max_length, device=device)
     return Featurizer(choice, max_length=args.mauve_max_length, device=device)
+
+
+def _file_name(label: str) -> str:
+    return re.sub(r"[^\w.-]", "_", label)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 @contextmanager
@@ -253,8 +288,12 @@ def run_evaluation(args: EvalArguments) -> dict:
 
     if not args.models:
         raise ValueError("No model to evaluate: pass --models MODEL [MODEL ...].")
-    if not args.eval_data:
-        raise ValueError("No held-out text: pass --eval_data (a saved calibration set, a file or a folder).")
+    text_metrics = [m for m in args.metrics if m in TEXT_METRICS]
+    if text_metrics and not args.eval_data:
+        raise ValueError(
+            f"No held-out text for {text_metrics}: pass --eval_data (a saved calibration set, a file or a folder), "
+            "or choose --metrics without them (e.g. --metrics icl)."
+        )
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise FileExistsError(f"{args.output_dir} exists: pass --overwrite to replace it, or another --output_dir.")
     if args.lm_eval_include_path and not os.path.isdir(args.lm_eval_include_path):
@@ -265,11 +304,13 @@ def run_evaluation(args: EvalArguments) -> dict:
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two models share a label in {labels}: name them with label=path.")
-    all_documents = pack_short_documents(
-        load_eval_documents(args.eval_data, split=args.split, text_field=args.text_field), args.min_document_words
-    )
+    all_documents = []
+    if text_metrics:
+        all_documents = pack_short_documents(
+            load_eval_documents(args.eval_data, split=args.split, text_field=args.text_field), args.min_document_words
+        )
     # The word budget bounds the perplexity pass; prompts may come from any held-out document.
-    documents = truncate_words(all_documents, args.max_eval_words)
+    documents = truncate_words(all_documents, args.max_eval_words) if all_documents else []
     prompts = []
     if "generation" in args.metrics:
         prompts = cut_prompts(
@@ -286,6 +327,18 @@ def run_evaluation(args: EvalArguments) -> dict:
             )
         if len(prompts) < args.num_prompts:
             logger.warning("Only %d generation prompts could be cut (asked for %d).", len(prompts), args.num_prompts)
+    icl_tasks = None
+    if "icl" in args.metrics:  # model-independent: the same test items and demonstrations for every model
+        from .icl import prepare_icl_tasks
+
+        icl_tasks = prepare_icl_tasks(
+            args.icl_tasks,
+            shots=args.icl_shots,
+            retriever=args.icl_retriever,
+            max_examples=args.icl_max_examples,
+            template=args.icl_template,
+            seed=args.icl_seed,
+        )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     featurizer = _resolve_featurizer(args, specs, device)
     if featurizer is not None and len(prompts) < 100:
@@ -306,21 +359,41 @@ def run_evaluation(args: EvalArguments) -> dict:
         "device": device,
         "models": [],
     }
+    if icl_tasks is not None:
+        from .icl import describe_icl_tasks
+
+        results["icl_tasks"] = describe_icl_tasks(icl_tasks, args.icl_shots, args.icl_retriever, args.icl_seed)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
-        os.makedirs(os.path.join(tmp, "samples"))
+        if prompts:
+            os.makedirs(os.path.join(tmp, "samples"))
+        if icl_tasks is not None:
+            from .icl import task_prompts
+
+            os.makedirs(os.path.join(tmp, "icl"))
+            for prepared in icl_tasks:  # what every model was asked, for inspection
+                path = os.path.join(tmp, "icl", f"prompts-{_file_name(prepared.task.name)}.jsonl")
+                _write_jsonl(path, task_prompts(prepared))
         for spec in specs:
             logger.info("Evaluating %s (%s: %s)", spec.label, spec.kind, spec.path)
             model, tokenizer = load_model(spec, dtype=args.dtype, device=device)
             entry = {"label": spec.label, "path": spec.path, "kind": spec.kind, "base": spec.base}
-            entry.update(evaluate_model(model, tokenizer, documents, prompts, args, featurizer, reference_features))
-            samples = entry.get("generation", {}).pop("samples", {})
-            sample_file = os.path.join(tmp, "samples", re.sub(r"[^\w.-]", "_", spec.label) + ".jsonl")
-            with open(sample_file, "w", encoding="utf-8") as f:
-                for mode, by_seed in samples.items():
-                    for seed, texts in by_seed.items():
-                        for prompt, text in zip(prompts, texts):
-                            row = {"mode": mode, "seed": seed, "prefix": prompt.prefix, "human": prompt.reference}
-                            f.write(json.dumps({**row, "model": text}) + "\n")
+            entry.update(
+                evaluate_model(
+                    model, tokenizer, documents, prompts, args, featurizer, reference_features, icl_tasks=icl_tasks
+                )
+            )
+            if "icl_predictions" in entry:
+                path = os.path.join(tmp, "icl", f"predictions-{_file_name(spec.label)}.jsonl")
+                _write_jsonl(path, entry.pop("icl_predictions"))
+            if prompts:
+                samples = entry["generation"].pop("samples", {})
+                rows = [
+                    {"mode": mode, "seed": seed, "prefix": prompt.prefix, "human": prompt.reference, "model": text}
+                    for mode, by_seed in samples.items()
+                    for seed, texts in by_seed.items()
+                    for prompt, text in zip(prompts, texts)
+                ]
+                _write_jsonl(os.path.join(tmp, "samples", _file_name(spec.label) + ".jsonl"), rows)
             entry["trainer_state"] = find_trainer_state(spec.path)
             results["models"].append(entry)
             del model
