@@ -7,29 +7,22 @@ from .records import RECORD_NAME, describe_code_check
 
 __all__ = ["model_card"]
 
-_MODES = {
-    "dequantized": (
-        "the base was rebuilt in 4-bit exactly as in training, dequantised, and the adapter merged into it: the "
-        "weights are `deq(W_4bit) + s·BA`, the function a QLoRA adapter was trained with"
-    ),
-    "original": "the adapter was merged into the original, unquantised base weights: `W + s·BA`",
-}
-
 _TEMPLATE = """---
 {{ card_data }}
 ---
 
 # {{ title }} + EMO adapter (merged)
 
-A plain `transformers` checkpoint: a LoRA adapter trained with emo_calibrate (EMO, Earth Mover Distance Optimization, \
-Ren et al., ICLR 2024) merged into its base model. It needs neither PEFT nor bitsandbytes.
+A LoRA adapter trained with emo_calibrate (EMO, Earth Mover Distance Optimization, Ren et al., ICLR 2024) merged into \
+its base model: a plain `transformers` checkpoint, loaded without PEFT or bitsandbytes.
 
 | | |
 | --- | --- |
 | base model | `{{ r.base_model }}` |
 | adapter | `{{ r.adapter_path }}` |
 | trained on | the {{ r.trained_base }} base ({{ r.quantization_source }}) |
-| merge base | `{{ r.merge_base }}` ({{ r.merge_base_reason }}): {{ mode }} |
+| merge base | `{{ r.merge_base }}`: {{ "deq(W_4bit) + s·BA" if r.merge_base == "dequantized" else "W + s·BA" }} \
+({{ r.merge_base_reason }}) |
 | dtype | `{{ r.dtype }}` (merged on {{ r.device }}) |
 | vocabulary | {{ r.vocab_size }}{{ " (resized by the adapter)" if r.resized_embeddings }} |
 {% if r.quantization %}| 4-bit settings | `{{ r.quantization | tojson }}` |
@@ -44,25 +37,14 @@ settings, the precision and the base the adapter was trained on are not recorded
 ## Parity check
 
 {% if not r.parity %}**Skipped** at merge time: the merged weights were not verified against the adapter model.
-{% else %}Fixed prompts, every position's next-token distribution; merged model reloaded from this folder.
+{% else %}Fixed prompts, every position's next-token distribution; merged model reloaded from this folder. Tolerance: \
+max abs logit diff ≤ {{ "%.3g" % r.tolerance.max_abs_logit_diff }}, mean KL ≤ {{ "%.3g" % r.tolerance.mean_kl }}.
 
 | compared with | max abs logit diff | mean KL (nats) | max KL | positions |
 | --- | --- | --- | --- | --- |
 {% for name, p in rows %}| {{ name }} | {{ "%.3g" % p.max_abs_logit_diff }} | {{ "%.3g" % p.mean_kl }} | \
 {{ "%.3g" % p.max_kl }} | {{ p.num_positions }} |
-{% endfor %}
-Tolerance: max abs logit diff ≤ {{ "%.3g" % r.tolerance.max_abs_logit_diff }}, mean KL ≤ \
-{{ "%.3g" % r.tolerance.mean_kl }}.
-{% endif %}
-## Use
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-"""
+{% endfor %}{% endif %}"""
 
 
 def model_card(report):
@@ -86,7 +68,6 @@ def model_card(report):
         template_str=_TEMPLATE,
         r=r,
         title=os.path.basename(report.base_model.rstrip("/")) or report.base_model,
-        mode=_MODES[report.merge_base],
         code_check=describe_code_check(report.code_check) if report.code_check else None,
         rows=rows,
         record_name=RECORD_NAME,

@@ -95,7 +95,7 @@ def make_merge_plan(
     """Check every input of `merge_adapter` and resolve its settings; raises `ValueError` on bad input."""
     import torch
     from peft import PeftConfig
-    from transformers import AutoConfig
+    from transformers import AutoConfig, BitsAndBytesConfig
 
     _choice("merge_base", merge_base, (None, *MERGE_BASES))
     _choice("dtype", dtype, DTYPES)
@@ -155,7 +155,7 @@ def make_merge_plan(
         device=device,
         trained=trained,
         trained_dtype=trained_dtype if trained_dtype in DTYPES else dtype,
-        quantization_config=_bnb_config(settings),
+        quantization_config=None if settings is None else BitsAndBytesConfig.from_dict(settings),
         quantization_source=source,
         tokenizer_source=tokenizer_source,
         record=record,
@@ -235,14 +235,6 @@ def _choose_merge_base(merge_base, trained: str, source: str) -> tuple[str, str]
             "merge_base='dequantized'"
         )
     return "original", "the default for an adapter trained on an unquantised base"
-
-
-def _bnb_config(settings: dict | None):
-    if settings is None:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig.from_dict(settings)
 
 
 def _has_tokenizer(folder: str) -> bool:
