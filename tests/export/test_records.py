@@ -258,3 +258,13 @@ def test_a_malicious_training_args_bin_is_never_opened(fp32_run, tmp_path, monke
     _OPENED.clear()
     merge_adapter(adapter, tmp_path / "merged", dtype="float32")
     assert _OPENED == [] and not (tmp_path / "exploited").exists()
+
+
+def test_a_damaged_record_is_refused_before_loading(fp32_run, tmp_path):
+    from emo_calibrate import merge_adapter
+
+    adapter = _copy(fp32_run[0], tmp_path)
+    (adapter / "emo_training.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read .*emo_training.json.*delete it"):
+        merge_adapter(adapter, tmp_path / "merged")
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
