@@ -2,8 +2,11 @@
 with the adapter model it came from.
 
 The base is written to disk first (random weights, unquantised) and loaded in 4-bit from there, as a user's
-checkpoint is. The merge is `emo_calibrate.export.merge.merge_adapter` (dequantised base) when the package has it, else PEFT's
-`merge_and_unload` on the dequantised base (`model.dequantize()`), so the check runs on any version of the package.
+checkpoint is. The merge is `emo_calibrate.export.merge.merge_adapter` (dequantised base, codes checked against the
+adapter's record) when the package has it, else PEFT's `merge_and_unload` on the dequantised base
+(`model.dequantize()`), so the check runs on any version of the package. On CUDA the base is then quantised again on
+CPU and its codes compared with the record training wrote on CUDA (`cpu_codes_check`): the open CPU-vs-CUDA question
+of docs/merge.md.
 """
 
 import os
@@ -80,6 +83,11 @@ def merge_check(shape: str, *, device: str, dtype, work_dir: str, args, log) -> 
         result["method"], result["merge_report"] = _merge(adapter_dir, merged_dir, base_dir, device, dtype)
         result["seconds"]["merge"] = time.perf_counter() - t
         log(f"merge: {result['method']} in {result['seconds']['merge']:.1f}s")
+        if device == "cuda":
+            t = time.perf_counter()
+            result["nf4_codes_cpu_vs_cuda_record"] = cpu_codes_check(adapter_dir, base_dir)
+            result["seconds"]["cpu_codes_check"] = time.perf_counter() - t
+            log(f"merge: the base quantised on CPU vs the CUDA record: {result['nf4_codes_cpu_vs_cuda_record']}")
 
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map=device_map(device))
         ids = torch.randint(4, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
@@ -122,6 +130,32 @@ def _merge(adapter_dir, merged_dir, base_dir, device, dtype):
     del base, merged
     free_memory()
     return "peft merge_and_unload on the dequantized base (emo_calibrate.export.merge not available)", None
+
+
+def cpu_codes_check(adapter_dir, base_dir) -> dict:
+    """The open question of docs/merge.md, asked through the merge's own check: quantise the base on CPU with the
+    adapter's recorded settings and compare its 4-bit codes with the hashes training recorded on CUDA. A "mismatch"
+    means a CUDA-trained QLoRA adapter must be merged with `--device cuda`."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from emo_calibrate.export.records import check_codes, read_training_record
+    except ImportError as error:  # an older checkout without the training record
+        return {"status": f"not available: {error}"}
+    quantization = (read_training_record(adapter_dir) or {}).get("quantization")
+    if not quantization or not quantization.get("block_sha256"):
+        return {"status": "not available: the adapter records no hashes"}
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        quantization_config=BitsAndBytesConfig.from_dict(quantization["config"]),
+        dtype=getattr(torch, quantization["load_dtype"]),
+        device_map={"": "cpu"},
+    )
+    check = check_codes(model, quantization)
+    del model
+    free_memory()
+    return check
 
 
 def parity(adapter_model, merged_model, input_ids) -> dict:

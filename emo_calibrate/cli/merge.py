@@ -1,9 +1,9 @@
 """`emo-calibrate merge`: merge a (Q)LoRA adapter into its base model for deployment.
 
-    # the adapter's base, dequantised exactly as trained (the default), bf16 weights:
+    # into the base the adapter was trained on (its record says which; see docs/merge.md), bf16 weights:
     emo-calibrate merge --adapter_path runs/emo-smollm2 --output_dir runs/emo-smollm2-merged
-    # the original unquantised checkpoint instead, fp32, on a GPU:
-    emo-calibrate merge --adapter_path runs/emo-smollm2 --output_dir merged --merge_base original --dtype float32 \
+    # a QLoRA adapter into the original unquantised checkpoint instead, fp32, on a GPU:
+    emo-calibrate merge --adapter_path runs/emo-qlora --output_dir merged --merge_base original --dtype float32 \
         --device cuda
     # from a YAML file, with command-line overrides:
     emo-calibrate merge --config merge.yaml --overwrite
@@ -30,12 +30,13 @@ class MergeArguments:
         default=None,
         metadata={"help": "Base model (folder or id). Default: `base_model_name_or_path` of the adapter's config."},
     )
-    merge_base: str = field(
-        default="dequantized",
+    merge_base: str | None = field(
+        default=None,
         metadata={
-            "help": "`dequantized`: load the base in 4-bit as in training, dequantise, merge (reproduces the trained "
-            "model). `original`: merge into the unquantised checkpoint (W + BA; the adapter was trained against the "
-            "4-bit weights, the report shows the cost).",
+            "help": "`original`: merge into the unquantised checkpoint (W + BA). `dequantized`: rebuild the base in "
+            "4-bit as in training, check its codes against the adapter's record, dequantise, merge (deq(W_4bit) + "
+            "BA). Default: the base the adapter was trained on, from its record (emo_training.json); `original` "
+            "without a record.",
             "choices": ["dequantized", "original"],
         },
     )
@@ -43,13 +44,27 @@ class MergeArguments:
         default="bfloat16",
         metadata={"help": "Dtype of the merged weights.", "choices": ["bfloat16", "float16", "float32"]},
     )
-    device: str = field(default="cpu", metadata={"help": "Device the merge runs on.", "choices": ["cpu", "cuda"]})
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device the merge runs on. Default: where the adapter's record says its 4-bit base was quantised "
+            "(when available here), else cpu.",
+            "choices": ["cpu", "cuda"],
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
     skip_parity_check: bool = field(
         default=False,
         metadata={
             "help": "Do not compare the merged model with the adapter model before writing it. Not recommended: "
             "the check is what proves the merged model is the one you trained."
+        },
+    )
+    allow_code_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge even if the rebuilt 4-bit codes differ from the adapter's record (the base is then not "
+            "the one trained on); the card and report record the difference. Without it such a merge stops (exit 2)."
         },
     )
     parity_max_abs_logit_diff: float | None = field(
@@ -63,13 +78,13 @@ class MergeArguments:
     bnb_4bit_quant_type: str | None = field(
         default=None,
         metadata={
-            "help": "Override the 4-bit type used in training. None: the adapter's record, else nf4.",
+            "help": "Override the 4-bit type of the rebuilt base. None: the adapter's record, else nf4.",
             "choices": ["nf4", "fp4"],
         },
     )
     bnb_4bit_use_double_quant: bool | None = field(
         default=None,
-        metadata={"help": "Override double quantisation used in training. None: the adapter's record, else true."},
+        metadata={"help": "Override double quantisation of the rebuilt base. None: the adapter's record, else true."},
     )
     max_shard_size: str = field(default="5GB", metadata={"help": "Maximum size of one safetensors shard."})
 
@@ -87,23 +102,11 @@ def run(argv: list[str] | None = None) -> int:
 
     (args,) = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    kwargs = vars(args).copy()
+    kwargs["check_parity"] = not kwargs.pop("skip_parity_check")
     try:
-        report = merge_adapter(
-            args.adapter_path,
-            args.output_dir,
-            model_name_or_path=args.model_name_or_path,
-            merge_base=args.merge_base,
-            dtype=args.dtype,
-            device=args.device,
-            overwrite=args.overwrite,
-            check_parity=not args.skip_parity_check,
-            parity_max_abs_logit_diff=args.parity_max_abs_logit_diff,
-            parity_mean_kl=args.parity_mean_kl,
-            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
-            max_shard_size=args.max_shard_size,
-        )
-    except (ValueError, ParityError) as err:
+        report = merge_adapter(**kwargs)
+    except (ValueError, ParityError) as err:  # refusals exit with 2, a failed parity check with 1
         print(f"emo-calibrate merge: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
     print(report.summary())

@@ -1,8 +1,9 @@
-"""From a trained adapter to an ordinary model for deployment.
+"""From a trained adapter to an ordinary model for deployment, merged into the base it was trained on.
 
-- `merge.py`: `merge_adapter`, the merge itself (PEFT's `merge_and_unload`), atomic write and parity gate;
-- `plan.py`: every decision and refusal taken before any weights load;
+- `merge.py`: `merge_adapter`: loading the trained base, the 4-bit code check, PEFT's `merge_and_unload`, the parity
+  gate and the atomic write;
+- `plan.py`: every decision and refusal taken before any weights load (which base, which device, vocabularies);
+- `records.py`: the JSON training record written next to an adapter at save time, and the code check against it;
 - `parity.py`: merged vs unmerged logits on fixed prompts;
-- `card.py`: the model card of a merged model;
-- `records.py`: the records written next to an adapter at save time and read back here.
+- `card.py`: the model card (`huggingface_hub.ModelCard`) of a merged model.
 """

@@ -1,7 +1,8 @@
-"""Everything `merge_adapter` decides before loading a model: inputs checked, settings resolved, refusals raised.
+"""Everything `merge_adapter` decides before loading weights: inputs checked, the trained base resolved, refusals.
 
-All refusals are `ValueError`s that name the input and the fix, raised in seconds (configs, tokenizers and tensor
-headers only), before any weights are loaded.
+All refusals are `ValueError`s that name the input and the fix, raised in seconds (configs, tokenizers, the adapter's
+JSON record and tensor headers only), before any weights are loaded. The one check that needs weights, the 4-bit codes
+against the record, runs in `merge.py` before merging.
 """
 
 import os
@@ -9,31 +10,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .parity import PARITY_TOLERANCES
-from .records import load_quantization_record, read_training_args, summarize_training_run
+from .records import RECORD_NAME, read_training_record
 
 
-__all__ = ["DEFAULT_MERGE_BASE", "DTYPES", "MERGE_BASES", "MergePlan", "make_merge_plan"]
+__all__ = ["DTYPES", "MERGE_BASES", "MergePlan", "make_merge_plan"]
 
 MERGE_BASES = ("dequantized", "original")
-DEFAULT_MERGE_BASE = "dequantized"  # reproduces the trained function; see docs/merge.md for the measurements
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("cpu", "cuda")
-# Used when the adapter folder does not say how the base was quantised in training (QLoRA paper defaults).
-DEFAULT_4BIT = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+# Assumed only when merge_base="dequantized" is asked for an adapter without a record (the QLoRA paper's setting).
+DEFAULT_4BIT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
 
 
 @dataclass
 class MergePlan:
+    """The resolved inputs of a merge.
+
+    `trained` says what the adapter was trained on: `"4-bit"`, `"unquantised"`, `"unknown"` (no record) or
+    `"other quantisation"`; `trained_dtype` is the dtype the base weights were loaded in for training (when known).
+    `quantization_config` is the `BitsAndBytesConfig` that rebuilds the trained 4-bit base (None when the checkpoint
+    is itself saved in 4-bit, or when no 4-bit base is involved).
+    """
+
     adapter_path: str
     output_dir: str
     base_model: str
     merge_base: str
+    merge_base_reason: str
     dtype: str
     device: str
-    quantization_config: Any  # BitsAndBytesConfig for the 4-bit load, None when the checkpoint is saved in 4-bit
-    quantized_load_dtype: Any  # torch dtype the 4-bit model is loaded with (as in training)
+    trained: str
+    trained_dtype: str | None
+    quantization_config: Any
     quantization_source: str
     tokenizer_source: str
+    record: dict | None = None
     resize_embeddings_to: int | None = None
     emo_settings: dict = field(default_factory=dict)
 
@@ -42,6 +53,11 @@ class MergePlan:
         import torch
 
         return getattr(torch, self.dtype)
+
+    @property
+    def quantization(self) -> dict | None:
+        """The recorded 4-bit quantisation (config, device, versions, hashes), or None."""
+        return (self.record or {}).get("quantization")
 
     def tolerance(self, max_abs_logit_diff: float | None, mean_kl: float | None) -> dict:
         default_abs, default_kl = PARITY_TOLERANCES[self.dtype]
@@ -56,8 +72,7 @@ class MergePlan:
         keys = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
         out = {k: getattr(self.quantization_config, k) for k in keys}
         out = {k: str(v).removeprefix("torch.") if not isinstance(v, bool | str) else v for k, v in out.items()}
-        out["load_dtype"] = str(self.quantized_load_dtype).removeprefix("torch.")
-        return out
+        return {**out, "load_dtype": self.trained_dtype}
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -70,9 +85,9 @@ def make_merge_plan(
     output_dir,
     *,
     model_name_or_path=None,
-    merge_base=DEFAULT_MERGE_BASE,
+    merge_base=None,
     dtype="bfloat16",
-    device="cpu",
+    device=None,
     overwrite=False,
     bnb_4bit_quant_type=None,
     bnb_4bit_use_double_quant=None,
@@ -80,11 +95,11 @@ def make_merge_plan(
     """Check every input of `merge_adapter` and resolve its settings; raises `ValueError` on bad input."""
     import torch
     from peft import PeftConfig
-    from transformers import AutoConfig
+    from transformers import AutoConfig, BitsAndBytesConfig
 
-    _choice("merge_base", merge_base, MERGE_BASES)
+    _choice("merge_base", merge_base, (None, *MERGE_BASES))
     _choice("dtype", dtype, DTYPES)
-    _choice("device", device, DEVICES)
+    _choice("device", device, (None, *DEVICES))
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu'.")
     adapter_path = os.path.abspath(os.fspath(adapter_path))
@@ -111,24 +126,41 @@ def make_merge_plan(
             "folder or a model id available offline."
         ) from err
 
-    quant, load_dtype, source = _quantization_settings(
-        adapter_path, base_config, merge_base, dtype, bnb_4bit_quant_type, bnb_4bit_use_double_quant
-    )
+    record = read_training_record(adapter_path)
+    trained, trained_dtype, settings, source = _trained_base(record, base_config, merge_base)
+    merge_base, reason = _choose_merge_base(merge_base, trained, source)
+    if merge_base == "dequantized" and trained == "unknown":
+        trained, settings = "4-bit", dict(DEFAULT_4BIT)
+        source = "assumed: NF4 + double quantisation (the adapter records no quantisation)"
+    overrides = {"bnb_4bit_quant_type": bnb_4bit_quant_type, "bnb_4bit_use_double_quant": bnb_4bit_use_double_quant}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides:
+        if settings is None:
+            raise ValueError(
+                f"{', '.join(overrides)} set, but no 4-bit base is involved ({trained} training base, merge_base="
+                f"{merge_base!r}); drop them, or pass merge_base='dequantized' for an adapter trained on 4-bit."
+            )
+        settings, source = {**settings, **overrides}, source + " + overrides"
+    if device is None:  # where training quantised the base, so that the codes are the same (docs/merge.md)
+        recorded = ((record or {}).get("quantization") or {}).get("device")
+        device = "cuda" if recorded == "cuda" and torch.cuda.is_available() else "cpu"
     tokenizer_source = adapter_path if _has_tokenizer(adapter_path) else base_model
-    resize_to = _check_vocabulary(adapter_path, peft_config, base_model, base_config, tokenizer_source)
     return MergePlan(
         adapter_path=adapter_path,
         output_dir=output_dir,
         base_model=base_model,
         merge_base=merge_base,
+        merge_base_reason=reason,
         dtype=dtype,
         device=device,
-        quantization_config=quant,
-        quantized_load_dtype=getattr(torch, load_dtype),
+        trained=trained,
+        trained_dtype=trained_dtype if trained_dtype in DTYPES else dtype,
+        quantization_config=None if settings is None else BitsAndBytesConfig.from_dict(settings),
         quantization_source=source,
         tokenizer_source=tokenizer_source,
-        resize_embeddings_to=resize_to,
-        emo_settings=summarize_training_run(adapter_path),
+        record=record,
+        resize_embeddings_to=_check_vocabulary(adapter_path, peft_config, base_model, base_config, tokenizer_source),
+        emo_settings=(record or {}).get("settings") or {},
     )
 
 
@@ -151,45 +183,58 @@ def _check_output_dir(output_dir, adapter_path: str, overwrite: bool) -> str:
     return output_dir
 
 
-def _quantization_settings(adapter_path, base_config, merge_base, dtype, quant_type, double_quant):
-    """The BitsAndBytesConfig and load dtype of the 4-bit base, and where they came from."""
-    from transformers import BitsAndBytesConfig
+def _is_bnb_4bit(settings: dict) -> bool:
+    method = str(settings.get("quant_method", "bitsandbytes"))
+    return method in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES") and bool(
+        settings.get("load_in_4bit") or settings.get("_load_in_4bit")
+    )
 
+
+def _trained_base(record, base_config, merge_base):
+    """What the adapter was trained on: (kind, dtype of the base weights, 4-bit settings or None, source)."""
     saved = getattr(base_config, "quantization_config", None)
     if saved is not None:
         saved = saved if isinstance(saved, dict) else saved.to_dict()
-        is_bnb4 = str(saved.get("quant_method")) in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES") and (
-            saved.get("load_in_4bit") or saved.get("_load_in_4bit")
-        )
-        if is_bnb4 and merge_base == "dequantized":
-            return None, dtype, "base checkpoint (saved in 4-bit)"
+        if _is_bnb_4bit(saved) and merge_base != "original":
+            return "4-bit", None, None, "base checkpoint (saved in 4-bit)"
         raise ValueError(
             f"the base checkpoint is quantised ({saved.get('quant_method')}); merge_base={merge_base!r} needs an "
             "unquantised checkpoint (or a bitsandbytes 4-bit one with merge_base='dequantized'). Pass the original "
             "model as model_name_or_path."
         )
-    record = load_quantization_record(adapter_path)
-    init_kwargs = (read_training_args(adapter_path) or {}).get("model_init_kwargs") or {}
-    load_dtype = None
-    if record is not None:
-        settings, source = dict(record), "adapter record (quantization_config.json)"
-        load_dtype = settings.pop("_load_dtype", None)
-    elif isinstance(init_kwargs.get("quantization_config"), dict):
-        settings, source = dict(init_kwargs["quantization_config"]), "training arguments (model_init_kwargs)"
-    else:
-        settings, source = {"load_in_4bit": True, **DEFAULT_4BIT, "bnb_4bit_compute_dtype": dtype}, "defaults"
-    # The load dtype decides the 4-bit codes of a float32 checkpoint (weights are rounded before quantisation).
-    load_dtype = load_dtype or init_kwargs.get("dtype")
-    if not (settings.get("load_in_4bit") or settings.get("_load_in_4bit")):
+    if record is None:
+        return "unknown", None, None, f"unknown: the adapter folder has no {RECORD_NAME}"
+    name = RECORD_NAME if record.get("format") else "quantization_config.json, a legacy record"
+    quantization = record.get("quantization")
+    if quantization is None:
+        return "unquantised", record.get("base_dtype"), None, f"adapter record ({name})"
+    if not _is_bnb_4bit(quantization["config"]):
+        if merge_base != "original":
+            raise ValueError(
+                f"the adapter was trained on a base quantised as {quantization['config']} (not bitsandbytes 4-bit), "
+                "which cannot be rebuilt for merging; pass merge_base='original'."
+            )
+        return "other quantisation", None, None, f"adapter record ({name})"
+    return "4-bit", quantization.get("load_dtype"), dict(quantization["config"]), f"adapter record ({name})"
+
+
+def _choose_merge_base(merge_base, trained: str, source: str) -> tuple[str, str]:
+    if merge_base == "dequantized" and trained == "unquantised":
         raise ValueError(
-            f"the adapter was trained on a base quantised as {settings} (not bitsandbytes 4-bit); use merge_base="
-            "'original'."
+            f"merge_base='dequantized' rebuilds a 4-bit base, but the adapter was trained on an unquantised base "
+            f"({source}): the merged model would carry a quantisation error training never saw. Use the default "
+            "(merge_base='original'), which merges into the very base that was trained."
         )
-    for key, value in (("bnb_4bit_quant_type", quant_type), ("bnb_4bit_use_double_quant", double_quant)):
-        if value is not None:
-            settings[key], source = value, source + " + overrides"
-    load_dtype = load_dtype if load_dtype in DTYPES else dtype
-    return BitsAndBytesConfig.from_dict(settings), load_dtype, source
+    if merge_base is not None:
+        return merge_base, "requested"
+    if trained == "4-bit":
+        return "dequantized", "the default for an adapter trained on a 4-bit base"
+    if trained == "unknown":
+        return "original", (
+            "the default when the training base is unknown; if the adapter was trained on a 4-bit base, pass "
+            "merge_base='dequantized'"
+        )
+    return "original", "the default for an adapter trained on an unquantised base"
 
 
 def _has_tokenizer(folder: str) -> bool:

@@ -15,7 +15,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from ..export.records import save_quantization_record
+from ..export.records import save_training_record
 from ..losses.cost_embedding import load_cost_embedding
 from ..losses.fused import fused_head_unsupported_reason, fused_linear_emo_loss
 from ..losses.reference import emo_loss
@@ -291,9 +291,11 @@ class EMOTrainer(SFTTrainer):
     def save_model(self, output_dir=None, _internal_call=False):
         assert_finite_weights(self.model)
         super().save_model(output_dir, _internal_call)
-        # How the base was quantised, next to the adapter: `emo-calibrate merge` rebuilds exactly these 4-bit weights.
+        # The training record next to the adapter (JSON: EMO settings, the base, how and where it was quantised, hashes
+        # of its 4-bit codes): `emo-calibrate merge` merges into exactly this base (export/records.py).
         if self.args.should_save:
-            save_quantization_record(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+            model = self.accelerator.unwrap_model(self.model)
+            save_training_record(model, output_dir or self.args.output_dir, self.args, self.state)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -1,8 +1,9 @@
 """merge_adapter, in the style of PEFT's `_test_merge_layers`.
 
 Adapters are made directly with PEFT on the tiny models (`init_lora_weights=False`, so the adapter is not the identity),
-on a 4-bit NF4 base as QLoRA training would, and saved to tmp. References are built here independently of the
-library: the unmerged adapter model on the same base, and PEFT's own in-memory merge.
+on a 4-bit NF4 base as QLoRA training would, and saved to tmp with the training record `EMOTrainer.save_model` writes.
+References are built here independently of the library: the unmerged adapter model on the same base, and PEFT's own
+in-memory merge. Adapters trained by `EMOTrainer` itself, and the record's checks: test_records.py.
 """
 
 import json
@@ -51,7 +52,7 @@ def _make_adapter(base_dir, out_dir, quantized=True, seed=0, tokenizer=None):
     from peft import LoraConfig, get_peft_model
     from tiny_models import build_tokenizer
 
-    from emo_calibrate.export.records import save_quantization_record
+    from emo_calibrate.export.records import save_training_record
 
     model = _load(base_dir, quantized=quantized)
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
@@ -60,7 +61,7 @@ def _make_adapter(base_dir, out_dir, quantized=True, seed=0, tokenizer=None):
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     model.save_pretrained(out_dir, save_embedding_layers=tokenizer is not None)  # resized vocabularies need them
     (tokenizer or build_tokenizer()).save_pretrained(out_dir)
-    save_quantization_record(model, out_dir)
+    save_training_record(model, out_dir)
     return str(out_dir)
 
 
@@ -138,6 +139,7 @@ def test_output_is_a_plain_model_folder(merged_dirs):
         umask = os.umask(0)
         os.umask(umask)
         assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
+        assert all(os.stat(path / f).st_mode & 0o777 == 0o666 & ~umask for f in files)  # servers can read them
         assert report.quantization["bnb_4bit_use_double_quant"] is True
 
 
@@ -338,45 +340,25 @@ def test_a_zero_tolerance_fails_and_skipping_the_check_does_not(qlora_adapter, t
     assert "**Skipped**" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_emo_settings_and_training_quantization_reach_the_report(qlora_adapter, tmp_path):
+def test_without_a_record_the_default_is_the_original_base_and_dequantized_assumes_nf4(qlora_adapter, tmp_path):
+    """An adapter without a record (e.g. plain PEFT): the default invents no quantisation; dequantized must be asked."""
     import shutil
-
-    from test_training_record import FakeEMOArgs
-
-    from emo_calibrate import merge_adapter
-
-    adapter = tmp_path / "adapter"
-    shutil.copytree(qlora_adapter, adapter)
-    os.remove(adapter / "quantization_config.json")
-    args = FakeEMOArgs()
-    args.model_init_kwargs = {"dtype": torch.float32, "quantization_config": nf4_config().to_dict()}
-    torch.save(args, adapter / "training_args.bin")
-    report = merge_adapter(adapter, tmp_path / "out", dtype="float32")
-    assert report.emo_settings["emo_weighting"] == "emo_anchored"
-    assert report.quantization_source.startswith("training arguments")
-    assert report.parity_vs_trained.mean_kl < 1e-8  # the same 4-bit weights as in training
-    assert "`emo_weighting`: emo_anchored" in (tmp_path / "out" / "README.md").read_text()
-
-
-def test_4bit_settings_fall_back_to_defaults_and_the_training_load_dtype(qlora_adapter, tmp_path):
-    import shutil
-
-    from test_training_record import FakeEMOArgs
 
     from emo_calibrate.export.plan import make_merge_plan
 
     adapter = tmp_path / "adapter"
     shutil.copytree(qlora_adapter, adapter)
-    os.remove(adapter / "quantization_config.json")
+    os.remove(adapter / "emo_training.json")
     plan = make_merge_plan(adapter, tmp_path / "out", dtype="bfloat16")
-    assert plan.quantization_source == "defaults" and plan.quantized_load_dtype == torch.bfloat16
+    assert plan.merge_base == "original" and plan.trained == "unknown" and plan.quantization_config is None
+    assert "merge_base='dequantized'" in plan.merge_base_reason
+    plan = make_merge_plan(adapter, tmp_path / "out", merge_base="dequantized", dtype="bfloat16")
+    assert plan.quantization_source.startswith("assumed") and plan.trained_dtype == "bfloat16"
     assert plan.quantization_config.bnb_4bit_quant_type == "nf4" and plan.quantization_config.bnb_4bit_use_double_quant
-    args = FakeEMOArgs()
-    args.model_init_kwargs = {"dtype": "float32"}  # as EMOTrainer(model=<id>, quantization_config=...) records it
-    torch.save(args, adapter / "training_args.bin")
-    plan = make_merge_plan(adapter, tmp_path / "out", dtype="bfloat16", bnb_4bit_use_double_quant=False)
-    assert plan.quantized_load_dtype == torch.float32 and not plan.quantization_config.bnb_4bit_use_double_quant
-    assert plan.quantization_source == "defaults + overrides"
+    plan = make_merge_plan(adapter, tmp_path / "out", merge_base="dequantized", bnb_4bit_use_double_quant=False)
+    assert not plan.quantization_config.bnb_4bit_use_double_quant and plan.quantization_source.endswith("+ overrides")
+    with pytest.raises(ValueError, match="no 4-bit base is involved"):
+        make_merge_plan(adapter, tmp_path / "out", bnb_4bit_quant_type="fp4")  # never silently ignored
 
 
 # ---- CLI ----
@@ -413,11 +395,19 @@ def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("merge_base", ["dequantized", "original"])
 def test_merge_on_cuda(qlora_adapter, tiny_llama_dir, tmp_path, merge_base):
+    """The adapter's base was quantised on CPU; merging on CUDA re-quantises it there (docs/merge.md, open question)."""
     from emo_calibrate import merge_adapter
 
-    report = merge_adapter(qlora_adapter, tmp_path / "out", merge_base=merge_base, dtype="float32", device="cuda")
+    kwargs = dict(merge_base=merge_base, dtype="float32", device="cuda")
+    try:
+        report = merge_adapter(qlora_adapter, tmp_path / "out", **kwargs)
+    except ValueError as err:  # CUDA's NF4 codes differ from the CPU's for this base: refused, with the fix
+        assert merge_base == "dequantized" and "--device cpu" in str(err)
+        report = merge_adapter(qlora_adapter, tmp_path / "out", allow_code_mismatch=True, **kwargs)
+        assert report.code_check["status"] == "mismatch"
+    print(f"NF4 codes, CPU (record) vs CUDA (merge): {report.code_check and report.code_check['status']}")
     assert report.passed and report.parity.mean_kl < 1e-6
-    if merge_base == "dequantized":  # CUDA's NF4 codes reproduce the 4-bit model run on CUDA
+    if merge_base == "dequantized":  # the reference "as trained" is re-quantised on CUDA too: it cannot see the codes
         assert report.parity_vs_trained.mean_kl < 1e-6
     reference = _reference_logits(merge_base, tiny_llama_dir, qlora_adapter)  # adapter model on CPU
     probabilities = _logits(_load(tmp_path / "out")).softmax(-1)
@@ -435,7 +425,7 @@ def test_real_demo_model(tmp_path):
 
     from emo_calibrate import merge_adapter
     from emo_calibrate.demo.assets import smollm2_path
-    from emo_calibrate.export.records import save_quantization_record
+    from emo_calibrate.export.records import save_training_record
 
     base = str(smollm2_path())
     model = get_peft_model(_load(base, quantized=True), LoraConfig(r=8, target_modules="all-linear"))
@@ -445,11 +435,12 @@ def test_real_demo_model(tmp_path):
             torch.nn.init.normal_(param, std=0.02)
     model.save_pretrained(tmp_path / "adapter")
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "adapter")
-    save_quantization_record(model, tmp_path / "adapter")
+    save_training_record(model, tmp_path / "adapter")
     del model
 
     report = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     assert report.passed and report.merge_base == "dequantized" and report.dtype == "bfloat16"
+    assert report.code_check["status"] == "match"
     assert report.vocab_size == 49152 and report.parity.num_positions > 50
     assert report.parity_vs_trained.mean_kl < 1e-2  # bf16 rounding only: the same function as trained
     merged = _load(tmp_path / "merged", dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit helpers: the CPU repacking guard, quantisation detection and the quantisation record."""
+"""bitsandbytes 4-bit helpers: the CPU repacking guard and quantisation detection (the record: test_records.py)."""
 
 import pytest
 import torch
@@ -116,18 +116,3 @@ def test_is_quantized(tiny_llama_dir):
     model = model.dequantize(dtype=torch.float32)
     assert model.is_loaded_in_4bit  # why is_quantized does not read this flag
     assert not is_quantized(model)
-
-
-def test_quantization_record_round_trip(tiny_llama_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from emo_calibrate.export.records import load_quantization_record, save_quantization_record
-
-    assert save_quantization_record(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path) is None
-    assert load_quantization_record(tmp_path) is None
-    save_quantization_record(_load_4bit(tiny_llama_dir), tmp_path)
-    record = load_quantization_record(tmp_path)
-    assert record["_load_dtype"] == "float32"
-    config = BitsAndBytesConfig.from_dict({k: v for k, v in record.items() if not k.startswith("_load_dtype")})
-    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-    assert config.bnb_4bit_compute_dtype == torch.float32

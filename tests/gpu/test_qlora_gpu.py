@@ -139,10 +139,14 @@ def test_merge_on_cuda_keeps_the_distribution(tiny_llama_dir, tmp_path):
     # A non-zero adapter (B is not initialised to zero) so that the merge has something to get wrong.
     adapter_model = get_peft_model(load(tiny_llama_dir), lora(init_lora_weights=False))
     adapter_model.save_pretrained(tmp_path / "adapter")
-    merge.merge_adapter(
-        str(tmp_path / "adapter"), str(tmp_path / "merged"), model_name_or_path=tiny_llama_dir, device="cuda",
-        dtype="bfloat16",
-    )  # fmt: skip
+    # The record EMOTrainer.save_model writes: 4-bit on CUDA, so the merge defaults to a CUDA re-quantisation.
+    from emo_calibrate.export.records import save_training_record
+
+    save_training_record(adapter_model, tmp_path / "adapter")
+    report = merge.merge_adapter(
+        str(tmp_path / "adapter"), str(tmp_path / "merged"), model_name_or_path=tiny_llama_dir, dtype="bfloat16"
+    )
+    assert (report.merge_base, report.device, report.code_check["status"]) == ("dequantized", "cuda", "match")
     merged = load(str(tmp_path / "merged"), quantized=False)
     assert not getattr(merged, "is_loaded_in_4bit", False)
 

@@ -53,12 +53,12 @@ def test_qlora_on_cpu_trains_every_adapter_and_logs_emo_metrics(request, model_f
     # emo_anchored logs 2 * emo as its loss value
     assert train_logs[0]["loss"] == pytest.approx(2 * train_logs[0]["emo"], rel=1e-3)
 
-    # The saved adapter records how its base was quantised, for a faithful merge.
-    from emo_calibrate.export.records import load_quantization_record
+    # The saved adapter records how its base was quantised, for a faithful merge (tests/export/test_records.py).
+    from emo_calibrate.export.records import read_training_record
 
     trainer.save_model()
-    record = load_quantization_record(args.output_dir)
-    assert record["load_in_4bit"] and record["bnb_4bit_quant_type"] == "nf4"
+    record = read_training_record(args.output_dir)["quantization"]
+    assert record["config"]["load_in_4bit"] and record["config"]["bnb_4bit_quant_type"] == "nf4"
 
 
 def test_gradient_accumulation_gives_the_same_losses(tiny_llama_dir, tmp_path, tiny_dataset):
