@@ -136,7 +136,7 @@ def test_resume_true_takes_the_latest_checkpoint_and_bad_paths_are_clear(paths, 
 
     with pytest.raises(ValueError, match="not a checkpoint folder.*checkpoint-2"):
         make_trainer("frozen_lora", paths, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "x"))
-    with pytest.raises(ValueError, match="holds no checkpoint"):
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
         make_trainer("frozen_lora", paths, tmp_path / "empty").train(resume_from_checkpoint=True)
 
 
