@@ -26,6 +26,7 @@ from .checkpointing import (
     begin_checkpoint,
     cost_identity_before_training,
     finish_checkpoint,
+    latest_complete_checkpoint,
     restore_emo_state,
     save_emo_state,
 )
@@ -289,7 +290,8 @@ class EMOTrainer(SFTTrainer):
         resume_from_checkpoint = restore_emo_state(self, resume_from_checkpoint)
         with self._stop.catch_signals():
             output = super().train(resume_from_checkpoint, *args, **kwargs)
-        self._stop.raise_if_stopped(self.state)  # a stopped run must not look finished to the caller
+        # A stopped run must not look finished to the caller.
+        self._stop.raise_if_stopped(self.state, last_complete=latest_complete_checkpoint(self.args.output_dir)[0])
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
