@@ -70,9 +70,14 @@ def _write_json(path: str, value) -> None:
 
 def cost_identity_before_training(trainer) -> CostIdentity | None:
     """The identity of the cost embedding the loss will read; None for `adaptive` (it follows the trained head) and
-    where this process holds no weights (FSDP's cpu_ram_efficient_loading leaves them on the meta device on all but the
-    first process of each node, which does the checks). Call it before accelerate / FSDP wraps the model."""
+    where this process may hold no weights: with FSDP's cpu_ram_efficient_loading, transformers reads the checkpoint
+    only on the first process of each node (`is_fsdp_enabled`, the condition it loads by), which then does the checks.
+    Call it before accelerate / FSDP wraps the model."""
+    from transformers.integrations import is_fsdp_enabled
+
     if trainer.args.emo_cost_embedding == "adaptive":
+        return None
+    if is_fsdp_enabled() and not trainer.accelerator.is_local_main_process:
         return None
     tensor = trainer._emo_cost
     if tensor is None:
