@@ -58,8 +58,14 @@ def resume_command(argv: list[str], checkpoint: str) -> str:
     return shlex.join(["emo-calibrate", "train", *kept, "--resume_from_checkpoint", checkpoint])
 
 
-def report_stop(prog: str, headline: str, checkpoint: str | None, argv: list[str], exit_code: int) -> int:
-    """Print (once, on the main process) how the run ended and the command that resumes it; returns `exit_code`."""
+def report_stop(
+    prog: str, headline: str, checkpoint: str | None, argv: list[str], exit_code: int, synchronize: bool = True
+) -> int:
+    """Print (once, on the main process) how the run ended and the command that resumes it; returns `exit_code`.
+
+    With `synchronize` (a stop every process took together) the processes wait for each other before exiting; an
+    uncoordinated interruption exits at once, since the other processes may be inside another collective.
+    """
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -72,7 +78,7 @@ def report_stop(prog: str, headline: str, checkpoint: str | None, argv: list[str
         else:
             lines.append("There is no checkpoint to resume from: start the run again.")
         print("\n".join(lines), file=sys.stderr, flush=True)
-    if distributed:  # no process exits (and gets its launcher to kill the others) before the report is out
+    if distributed and synchronize:  # no process exits (its launcher would kill the others) before the report
         dist.barrier()
         dist.destroy_process_group()
     return exit_code

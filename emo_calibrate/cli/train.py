@@ -388,7 +388,7 @@ def run(argv: list[str] | None = None) -> int:
         signum = getattr(interrupted, "signum", signal.SIGINT)  # a plain KeyboardInterrupt is SIGINT's
         latest = latest_complete_checkpoint(output_dir)[0] if output_dir else None
         headline = f"interrupted by {signal.Signals(signum).name}; no new checkpoint was written."
-        return report_stop(PROG, headline, latest, argv, 128 + int(signum))
+        return report_stop(PROG, headline, latest, argv, 128 + int(signum), synchronize=False)
     finally:  # leave the caller's logging as it was (run() is also called in-process)
         package_logger.setLevel(previous_level)
     return 0

@@ -2,13 +2,14 @@
 any other matrix, whatever its scale.
 
 A resumed run must keep the cost embedding it started with, or its objective changes in the middle of training. The
-identity of a (V, d) matrix X is its shape, its dtype and, for every row i, computed in float64:
+identity of a (V, d) matrix X is its shape, its dtype, the precision its values carry (a float32 load of a bfloat16
+checkpoint holds bfloat16 values and is compared as such) and, for every row i, computed in float64:
 
 - `K` signed sums `p_ik = sum_j s_jk x_ij` with fixed pseudo-random signs `s_jk = +-1` (derived from SHA-256, so they
   are the same on every machine and torch version),
 - the row's absolute sum `a_i = sum_j |x_ij|`.
 
-Rounding X to a dtype whose machine epsilon is `eps` (2^-7 for bfloat16, 2^-10 for float16, 2^-23 for float32)
+Rounding X to a precision whose machine epsilon is `eps` (2^-7 for bfloat16, 2^-10 for float16, 2^-23 for float32)
 moves each entry by at most `eps |x_ij| / 2`, so it moves every signed sum by at most `eps a_i / 2`. Two identities
 therefore describe the same matrix when every row satisfies `|p_ik - p'_ik| <= (eps + eps') max(a_i, a'_i)` (plus
 float32 storage and underflow slack): a bound, not a statistical guess, with room for a double rounding (float32 ->
