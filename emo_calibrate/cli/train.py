@@ -373,14 +373,33 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
 
 
 def run(argv: list[str] | None = None) -> int:
+    """`emo-calibrate train`; returns the exit code: 0, 128 + signal number when interrupted (143 for SIGTERM, 130
+    for Ctrl-C) after saving a checkpoint, 1 when stopped by persistent NaN/inf steps."""
+    import signal
+
+    from ..training.callbacks import TrainingStopped
+    from ..training.checkpointing import latest_complete_checkpoint
+    from .interrupts import report_stop, signals_interrupt
+
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="[%(name)s] %(message)s", level=logging.WARNING)
     package_logger = logging.getLogger("emo_calibrate")  # our INFO lines (asset downloads, EMO set-up) are shown
     previous_level = package_logger.level
     package_logger.setLevel(logging.INFO)
+    output_dir = None
     try:
-        script_args, training_args, model_args, options, uses_demo_recipe = parse(argv)
-        main(script_args, training_args, model_args, options, uses_demo_recipe)
+        with signals_interrupt():
+            script_args, training_args, model_args, options, uses_demo_recipe = parse(argv)
+            output_dir = training_args.output_dir
+            main(script_args, training_args, model_args, options, uses_demo_recipe)
+    except TrainingStopped as stopped:  # a signal or persistent NaN/inf steps: the trainer saved a checkpoint
+        headline = f"{stopped.cause} Stopped at step {stopped.step}."
+        return report_stop(PROG, headline, stopped.checkpoint, argv, stopped.exit_code)
+    except KeyboardInterrupt as interrupted:  # outside the training loop, or a second signal: nothing new was saved
+        signum = getattr(interrupted, "signum", signal.SIGINT)  # a plain KeyboardInterrupt is SIGINT's
+        latest = latest_complete_checkpoint(output_dir)[0] if output_dir else None
+        headline = f"interrupted by {signal.Signals(signum).name}; no new checkpoint was written."
+        return report_stop(PROG, headline, latest, argv, 128 + int(signum), synchronize=False)
     finally:  # leave the caller's logging as it was (run() is also called in-process)
         package_logger.setLevel(previous_level)
     return 0

@@ -12,7 +12,7 @@ import textwrap
 
 import torch
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from ..export.records import save_training_record
@@ -21,7 +21,15 @@ from ..losses.fused import fused_head_unsupported_reason, fused_linear_emo_loss
 from ..losses.reference import emo_loss
 from ..utils.quantization import disable_cpu_4bit_repacking
 from .callbacks import CalibrationGuard, NonFiniteGuard, StopController
-from .checkpointing import assert_finite_weights, restore_emo_state, save_emo_state
+from .checkpointing import (
+    assert_finite_weights,
+    begin_checkpoint,
+    cost_identity_before_training,
+    finish_checkpoint,
+    latest_complete_checkpoint,
+    restore_emo_state,
+    save_emo_state,
+)
 from .config import EMOConfig
 from .validation import validate_prepared_trainer, validate_trainer_inputs
 
@@ -94,6 +102,8 @@ class EMOTrainer(SFTTrainer):
         self._zero3 = is_deepspeed_zero3_enabled()
         self._check_vocabulary()
         self._emo_cost = self._resolve_cost_embedding()
+        # Fixed now, before accelerate / FSDP wraps the head: checkpoints store it without any collective.
+        self._cost_identity = cost_identity_before_training(self)
         self._fused_reason = self._fused_head_check()
         self._fused_verified = False
         # Reliability: tokenized data and disk space are checked before the first step; NaN/inf updates are skipped;
@@ -280,7 +290,8 @@ class EMOTrainer(SFTTrainer):
         resume_from_checkpoint = restore_emo_state(self, resume_from_checkpoint)
         with self._stop.catch_signals():
             output = super().train(resume_from_checkpoint, *args, **kwargs)
-        self._stop.raise_if_stopped(self.state)  # a stopped run must not look finished to the caller
+        # A stopped run must not look finished to the caller.
+        self._stop.raise_if_stopped(self.state, last_complete=latest_complete_checkpoint(self.args.output_dir)[0])
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -298,9 +309,23 @@ class EMOTrainer(SFTTrainer):
             save_training_record(model, output_dir or self.args.output_dir, self.args, self.state)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # Whole or absent: the folder is marked incomplete first and complete last, once every process has written
+        # its files; older checkpoints are rotated away only then, so a kill mid-write always leaves a complete one.
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            begin_checkpoint(folder)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         save_emo_state(self, folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            finish_checkpoint(folder, self.state.global_step)
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # no process moves on (or exits) before the checkpoint is complete
 
 
 def _as_emo_config(model, args) -> EMOConfig:

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+from .sharding_checks import check_peft_method, check_sharding
+
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,9 @@ __all__ = [
     "check_model_path",
     "check_model_weights",
     "check_output_dir",
+    "check_peft_method",
     "check_quantization",
+    "check_sharding",
     "check_tokenizer_padding",
     "check_training_targets",
     "count_targets",
@@ -438,6 +442,8 @@ def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None 
     bound = inspect.signature(SFTTrainer.__init__).bind(None, model, args, *pargs, **kwargs).arguments
     check_output_dir(args.output_dir)
     check_device_precision(args)
+    check_sharding(args)
+    check_peft_method(model, bound.get("peft_config"))
     init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
     check_quantization(bound.get("quantization_config") or init_kwargs.get("quantization_config"), args.device.type)
     processing_class = bound.get("processing_class")

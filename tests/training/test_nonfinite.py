@@ -1,6 +1,8 @@
 """The non-finite guard: NaN/inf steps are skipped, counted, logged, and stop the run when they persist; NaN weights are
 never saved."""
 
+import logging
+import math
 import os
 
 import pytest
@@ -139,3 +141,72 @@ def test_nan_weights_are_never_saved(tmp_path, tiny_llama_dir, tiny_dataset):
 def test_max_nonfinite_steps_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="emo_max_nonfinite_steps must be >= 0"):
         EMOConfig(output_dir=str(tmp_path), emo_max_nonfinite_steps=-1, report_to="none")
+
+
+# ---- under DeepSpeed (a stand-in: deepspeed is not installed) -----------------------------------------------------
+
+
+class DeepSpeedStandIn(TrainerCallback):
+    """What the guard sees under DeepSpeed, without deepspeed. accelerate's `DeepSpeedEngineWrapper` (set on the
+    accelerator by `prepare`) runs the engine's backward AND its step, then zeroes the gradients; the Trainer's own
+    `optimizer.step()` does nothing; the engine reports the gradient norm (`get_global_grad_norm`). With
+    `overflow_skips` the engine skips a non-finite step itself, as DeepSpeed's fp16 loss scaler does, and says so
+    (`optimizer_step_was_skipped`). Inserted first, so it is in place before the guard's `on_train_begin`."""
+
+    def __init__(self, trainer, overflow_skips=False):
+        self.trainer, self.overflow_skips, self.norm, self.skipped = trainer, overflow_skips, 0.0, False
+        trainer.callback_handler.callbacks.insert(0, self)
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        accelerator = self.trainer.accelerator
+        backward, self.engine_step = accelerator.backward, optimizer.step
+        optimizer.step = lambda *a, **k: None
+
+        def engine_backward(loss, **kw):
+            backward(loss, **kw)
+            if accelerator.sync_gradients:
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                self.norm = float(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))
+                self.skipped = self.overflow_skips and not math.isfinite(self.norm)
+                if not self.skipped:
+                    self.engine_step()
+                model.zero_grad(set_to_none=True)
+
+        accelerator.backward = engine_backward
+        accelerator.deepspeed_engine_wrapped = self
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.accelerator.deepspeed_engine_wrapped = None
+
+
+@pytest.mark.parametrize("grad_only", [False, True], ids=["nan_batch", "nan_gradient"])
+def test_under_deepspeed_a_nonfinite_update_stops_training_and_it_says_so(
+    tmp_path, tiny_llama_dir, tiny_dataset, caplog, grad_only
+):
+    """The update was applied inside backward, so it cannot be skipped: stop at once, warn once at the start, keep
+    the NaN weights out of any checkpoint and name the last complete one."""
+    trainer, _ = run(tmp_path, tiny_llama_dir, tiny_dataset, PoisonSteps({2}, grad_only), steps=6,
+                     save_strategy="steps", save_steps=1)  # fmt: skip
+    DeepSpeedStandIn(trainer)
+    with caplog.at_level(logging.WARNING, logger="emo_calibrate"), pytest.raises(NonFiniteTrainingError) as stopped:
+        trainer.train()
+    assert caplog.text.count("Non-finite guard under DeepSpeed") == 1
+    assert trainer.state.global_step == 2
+    assert "under DeepSpeed the update was already applied" in str(stopped.value)
+    assert "The weights now hold NaN/inf, so they were not saved" in str(stopped.value)
+    assert stopped.value.checkpoint == str(tmp_path / "out" / "checkpoint-1")
+    assert f"--resume_from_checkpoint {stopped.value.checkpoint}" in str(stopped.value)
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_under_deepspeed_its_own_overflow_skips_count_as_skipped_steps(tmp_path, tiny_llama_dir, tiny_dataset,
+                                                                       monkeypatch):  # fmt: skip
+    trainer, snapshots = run(tmp_path, tiny_llama_dir, tiny_dataset, PoisonSteps({2}))
+    stand_in = DeepSpeedStandIn(trainer, overflow_skips=True)
+    monkeypatch.setattr(type(trainer.accelerator), "optimizer_step_was_skipped", property(lambda _: stand_in.skipped))
+    trainer.train()
+    assert_same(snapshots.by_step[2], snapshots.by_step[1])
+    assert logged(trainer, "nonfinite_steps") == [0, 1, 1, 1, 1]

@@ -12,7 +12,7 @@ from tiny_models import lora, make_args
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from emo_calibrate import EMOTrainer
-from emo_calibrate.training.callbacks import TrainingInterrupted
+from emo_calibrate.training.callbacks import StopController, TrainingInterrupted
 from emo_calibrate.training.checkpointing import COST_EMBEDDING_FILE, STATE_FILE
 
 
@@ -136,11 +136,12 @@ def test_resume_true_takes_the_latest_checkpoint_and_bad_paths_are_clear(paths, 
 
     with pytest.raises(ValueError, match="not a checkpoint folder.*checkpoint-2"):
         make_trainer("frozen_lora", paths, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "x"))
-    with pytest.raises(ValueError, match="holds no checkpoint"):
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
         make_trainer("frozen_lora", paths, tmp_path / "empty").train(resume_from_checkpoint=True)
 
 
-def test_second_signal_stops_at_once_without_a_checkpoint(paths, tmp_path):
+def test_second_signal_stops_at_once_without_a_checkpoint(paths, tmp_path, monkeypatch):
+    monkeypatch.setattr(StopController, "repeat_window", 0.0)  # the second signal is not a duplicate delivery
     trainer = make_trainer("frozen_lora", paths, tmp_path / "run", callbacks=[SignalAtStep(2, signal.SIGINT, times=2)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()

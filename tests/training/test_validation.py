@@ -284,3 +284,54 @@ def test_disk_estimate_matches_the_files_written(tmp_path, tiny_tied_dir, tiny_d
     assert estimate["weights"] == weights
     assert estimate["optimizer"] == moments
     assert estimate["total"] < shutil.disk_usage(tmp_path).free
+
+
+# ---- sharding and PEFT methods the EMO loss path cannot serve ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, env",
+    [({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, {}), ({}, {"ACCELERATE_USE_FSDP": "true"})],
+    ids=["fsdp_config_version_1", "accelerate_launch_default_fsdp1"],
+)
+def test_fsdp1_is_refused_before_loading(options, env, monkeypatch, tmp_path, tiny_llama_dir, tiny_dataset,
+                                         no_model_loading):  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(ValueError, match="FSDP version 1 was requested.*FSDP2 only.*fsdp_version: 2"):
+        EMOTrainer(tiny_llama_dir, args=make_args(tmp_path, **options), train_dataset=tiny_dataset, peft_config=lora())
+
+
+def test_fsdp_that_accelerate_would_silently_turn_into_ddp_is_refused(tmp_path, tiny_llama_dir, tiny_dataset,
+                                                                     no_model_loading):  # fmt: skip
+    """On the CPU (or in one plain process) accelerate 1.15 drops the FSDP plugin without a word."""
+    args = make_args(tmp_path, fsdp="full_shard", fsdp_config={"version": 2}, use_cpu=True)
+    with pytest.raises(ValueError, match=r"FSDP was requested.*distributed type NO.*silently drop FSDP"):
+        EMOTrainer(tiny_llama_dir, args=args, train_dataset=tiny_dataset, peft_config=lora())
+
+
+def _prompt_learning_configs():
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    return [
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["prompt_tuning", "prefix_tuning", "p_tuning"])
+def test_prompt_learning_peft_is_refused_before_loading(index, tmp_path, tiny_llama_dir, tiny_dataset,
+                                                        no_model_loading):  # fmt: skip
+    config = _prompt_learning_configs()[index]
+    with pytest.raises(ValueError, match=rf"{type(config).__name__} is a prompt-learning PEFT method.*LoRA"):
+        EMOTrainer(tiny_llama_dir, args=make_args(tmp_path), train_dataset=tiny_dataset, peft_config=config)
+
+
+def test_a_model_already_wrapped_for_prompt_tuning_is_refused(tmp_path, tiny_llama_dir, tiny_dataset):
+    from peft import get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), _prompt_learning_configs()[0])
+    with pytest.raises(ValueError, match="PromptTuningConfig is a prompt-learning PEFT method"):
+        EMOTrainer(model, args=make_args(tmp_path), train_dataset=tiny_dataset, processing_class=build_tokenizer())
