@@ -389,9 +389,9 @@ def run(argv: list[str] | None = None) -> int:
     output_dir = None
     try:
         with signals_interrupt():
-            script_args, training_args, model_args, options, uses_demo_recipe = parse(argv)
+            script_args, training_args, model_args, options, defaults = parse(argv)
             output_dir = training_args.output_dir
-            main(script_args, training_args, model_args, options, uses_demo_recipe)
+            main(script_args, training_args, model_args, options, defaults)
     except TrainingStopped as stopped:  # a signal or persistent NaN/inf steps: the trainer saved a checkpoint
         headline = f"{stopped.cause} Stopped at step {stopped.step}."
         return report_stop(PROG, headline, stopped.checkpoint, argv, stopped.exit_code)
