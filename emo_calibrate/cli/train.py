@@ -377,6 +377,9 @@ def run(argv: list[str] | None = None) -> int:
     for Ctrl-C) after saving a checkpoint, 1 when stopped by persistent NaN/inf steps."""
     import signal
 
+    from .quiet import drop_bitsandbytes_cpu_kernel_notice
+
+    drop_bitsandbytes_cpu_kernel_notice()  # before the imports below pull in bitsandbytes
     from ..training.callbacks import TrainingStopped
     from ..training.checkpointing import latest_complete_checkpoint
     from .interrupts import report_stop, signals_interrupt
