@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .validation import check_mixed_precision_request
+from .validation import check_config_loss_options, check_mixed_precision_request
 
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ def _has_accelerator() -> bool:
 class EMOConfig(SFTConfig):
     r"""
     Configuration for [`EMOTrainer`]: every field of [`~trl.SFTConfig`] plus the parameters of the EMO loss.
+    SFTConfig's options for its own cross-entropy, `loss_type` other than `"nll"` and `label_smoothing_factor > 0`,
+    are refused here: the loss is EMO's.
 
     > Parameters that control the EMO loss
 
@@ -166,6 +168,7 @@ class EMOConfig(SFTConfig):
             self.bf16 = False
         check_mixed_precision_request(self)  # a clearer message than TrainingArguments' for bf16 without support
         super().__post_init__()
+        check_config_loss_options(self)  # loss_type, label_smoothing_factor: SFT options EMO would ignore
 
         if self.emo_weighting not in WEIGHTING_CHOICES:
             raise ValueError(

@@ -26,7 +26,7 @@ from .callbacks import CalibrationGuard, NonFiniteGuard, StopController
 from .checkpointing import assert_finite_weights, restore_emo_state, save_emo_state
 from .config import EMOConfig
 from .loss_head import decoder_backbone, first_row, head_weight, reference_memory_note, router_aux_loss
-from .validation import validate_prepared_trainer, validate_trainer_inputs
+from .validation import SHIFT_LABELS_ERROR, validate_prepared_trainer, validate_trainer_inputs
 
 
 logger = logging.getLogger(__name__)
@@ -283,6 +283,8 @@ class EMOTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        if "shift_labels" in inputs:  # context / sequence parallelism, refused before the model loads as well
+            raise ValueError(SHIFT_LABELS_ERROR)
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True

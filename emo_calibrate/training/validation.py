@@ -12,12 +12,16 @@ import os
 import shutil
 import tempfile
 
+from .loss_options import SHIFT_LABELS_ERROR, check_config_loss_options, check_trainer_loss_options
+
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SHIFT_LABELS_ERROR",
     "check_causal_lm",
     "check_causal_lm_instance",
+    "check_config_loss_options",
     "check_dataset",
     "check_device_precision",
     "check_disk_space",
@@ -27,6 +31,7 @@ __all__ = [
     "check_output_dir",
     "check_quantization",
     "check_tokenizer_padding",
+    "check_trainer_loss_options",
     "check_training_targets",
     "count_targets",
     "estimate_output_bytes",
@@ -438,6 +443,7 @@ def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None 
     bound = inspect.signature(SFTTrainer.__init__).bind(None, model, args, *pargs, **kwargs).arguments
     check_output_dir(args.output_dir)
     check_device_precision(args)
+    check_trainer_loss_options(model, args, bound)
     init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
     check_quantization(bound.get("quantization_config") or init_kwargs.get("quantization_config"), args.device.type)
     processing_class = bound.get("processing_class")
