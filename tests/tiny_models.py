@@ -47,6 +47,20 @@ def tiny_config(arch: str = "llama", vocab_size: int = VOCAB_SIZE):
         return LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "llama_tied":  # lm_head.weight IS embed_tokens.weight, as in SmolLM2 (the demo model) and Gemma
         return LlamaConfig(**common, tie_word_embeddings=True)
+    # Heads that transform their logits (the fused EMO head applies the same transform), with values that matter
+    # at the tiny model's logit scale.
+    if arch == "gemma2":  # logits = cap * tanh(x / cap)
+        from transformers import Gemma2Config
+
+        return Gemma2Config(**common, head_dim=4, final_logit_softcapping=2.0, tie_word_embeddings=False)
+    if arch == "cohere":  # logits = x * logit_scale
+        from transformers import CohereConfig
+
+        return CohereConfig(**common, logit_scale=0.5, tie_word_embeddings=False)
+    if arch == "granite":  # logits = x / logits_scaling
+        from transformers import GraniteConfig
+
+        return GraniteConfig(**common, logits_scaling=4.0, tie_word_embeddings=False)
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 

@@ -1,36 +1,45 @@
 """A fused, token-chunked linear + EMO head: the EMO loss from hidden states, never building the (N, V) logits.
 
-`emo_calibrate.loss.emo_loss` needs the full logits, and its autograd keeps about nine (N, V) fp32 tensors alive.
+`emo_calibrate.losses.emo_loss` needs the full logits, and its autograd keeps about nine (N, V) fp32 tensors alive.
 Here the tokens are processed in chunks of `n_c` rows. For each chunk, in the forward pass:
 
-    Z  = H_c W^T                      (GEMM 1, model dtype, fp32 output)
+    X  = H_c W^T                      (GEMM 1, in the GEMM dtype, fp32 output)
+    Z  = cap tanh(s X / cap) or s X   (the model's own logit soft cap / scale, if any)
     C  = Ê[y_c] Ê^T                   (GEMM 2, the one extra GEMM of EMO; cosines to each target. When Ê is the
                                        normalised head, GEMMs 1 and 2 are one stacked GEMM [H_c; Ŵ[y_c]] W^T)
     q  = softmax(Z) in place, lse, mle = lse - Z_y, entropy, accuracy
-    r  = <q, C>;  emo = 1 - r (+ q_y)
-    dZ = a (q - onehot_y) - b q ⊙ (C - r)          (closed form, see below)
-    dH_c = dZ W                       (GEMM 3)       and, for a trainable head only, dW += dZ^T H_c
+    emd = <q, 1 - C>;  emo = emd (+ q_y)
+    dZ = a (q - onehot_y) - b q ⊙ (C - r)          (closed form, see below), then dX = dZ ⊙ dZ/dX (chain rule)
+    dH_c = dX W                       (GEMM 3)       and, for a trainable head only, dW += dX^T H_c
 
-so only two (n_c, V) fp32 buffers (one workspace reused by every chunk) exist at any time and the gradient is ready when the forward returns; backward
-only scales it by the incoming gradient. EMO's gradient with respect to the logits is -q ⊙ (c - <q, c>) whether or
-not the target's own mass is subtracted (that subtraction is detached), and the detached per-token weight of the
-weighting turns the two gradients into
+so only two (n_c, V) fp32 buffers (one workspace reused by every chunk) exist at any time and the gradient is ready
+when the forward returns; backward only scales it by the incoming gradient. EMO's gradient with respect to the logits
+is -q ⊙ (c - <q, c>) whether or not the target's own mass is subtracted (that subtraction is detached), and the
+detached per-token weight of the weighting turns the two gradients into
 
     emo_anchored: a = ratio, b = 1        mle_anchored: a = 1/2, b = ratio / 2        mle: a = 1, b = 0
 
 (see ../shared/docs/performance.md, sections 3.2 and 3.3). The cost embedding never gets a gradient, also when it is
 the output embedding itself ("adaptive" is detached in the reference too).
+
+Precision. The GEMMs run in the GEMM dtype: the autocast dtype under autocast (the Trainer's bf16/fp16 mixed
+precision), else the inputs' dtype. The head is used as it is when it already has that dtype (no copy), the GEMM
+output is fp32 where the platform offers it (CUDA), and softmax, EMO and dZ are fp32 per chunk. dH is stored as the
+gradient of the token SUM, O(1) per token, and divided by the normalizer only in backward, in fp32, together with the
+incoming gradient: under fp16 the loss scaler's factor arrives before anything is rounded to fp16, so a dZ / N far
+below fp16's smallest number survives. Under fp16 each row of dZ is also scaled by a power of two before its fp16
+cast (undone exactly after the GEMM), so its small entries do not flush to zero either.
 """
 
 import math
 
 import torch
 
-from .fused_chunks import inverse_row_norms, normalized_cost, run_chunks
-from .reference import EMOLossOutput, Weighting, reduce_per_token
+from .fused_chunks import inverse_row_norms, normalized_cost, run_chunks, scale_in_fp32_
+from .reference import EMOLossOutput, Weighting, _autocast_off, reduce_per_token
 
 
-__all__ = ["auto_chunk_size", "fused_head_unsupported_reason", "fused_linear_emo_loss"]
+__all__ = ["auto_chunk_size", "fused_linear_emo_loss"]
 
 # Chunk rule: the chunk's fp32 working buffers (two (n_c, V) tensors: logits -> cosines -> dZ, and q) are sized to
 # about the bytes of the hidden states, like Liger's fused linear cross-entropy keeps its logits chunk, within bounds.
@@ -69,11 +78,12 @@ class _FusedLinearEMO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, cost, inv_norm, opts, normalizer):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        stats, d_hidden, d_weight = run_chunks(
-            hidden, weight, targets, cost, inv_norm, opts, normalizer.reciprocal(), need_dh, need_dw
-        )
-        ctx.d_hidden = d_hidden
-        ctx.d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+        stats, d_hidden, d_weight = run_chunks(hidden, weight, targets, cost, inv_norm, opts, need_dh, need_dw)
+        ctx.normalizer = normalizer
+        ctx.d_hidden = d_hidden  # the gradient of the token sum (normalised in backward)
+        # dW sums every token's contribution, which can exceed fp16's range: normalised now, in fp32, then stored in
+        # W's dtype (a trainable fp16 head cannot be trained with a loss scaler anyway: its gradients are fp16).
+        ctx.d_weight = None if d_weight is None else d_weight.div_(normalizer).to(weight.dtype)
         ctx.mark_non_differentiable(*stats)
         loss = stats[0].sum() / normalizer
         return (loss, *stats)
@@ -83,62 +93,16 @@ class _FusedLinearEMO(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):
         if ctx.d_hidden is None and ctx.d_weight is None and any(ctx.needs_input_grad[:2]):
             raise RuntimeError("fused_linear_emo_loss: backward can run only once per forward (no retain_graph).")
-        # The gradients were computed for grad_loss == 1; scale them in place (they are ours, and freed after this).
-        grads = []
-        for stored in (ctx.d_hidden, ctx.d_weight):
-            grads.append(None if stored is None else stored.mul_(grad_loss.to(stored.dtype)))
+        # The stored gradients are ours (freed after this): scaled in place, in fp32, rounded once to their dtype.
+        grad_loss = grad_loss.float()
+        d_hidden = None if ctx.d_hidden is None else scale_in_fp32_(ctx.d_hidden, grad_loss / ctx.normalizer)
+        d_weight = None if ctx.d_weight is None else scale_in_fp32_(ctx.d_weight, grad_loss)
         ctx.d_hidden = ctx.d_weight = None
-        return grads[0], grads[1], None, None, None, None, None
-
-
-# ---------------------------------------------------------------------------------------------------- applicability
-def fused_head_unsupported_reason(model) -> str | None:
-    """Why the fused head cannot stand in for `model`'s own logits, or `None` when it can.
-
-    The fused head computes `logits = hidden @ lm_head.weight.T` and nothing else, so it does not apply to models
-    whose output layer does more: a final logit soft-capping (Gemma 2), a logit scale (Cohere, Granite, Falcon-H1,
-    MiniCPM...), a bias, an adapter on `lm_head`, or an output layer that is not a plain linear weight.
-
-    Args:
-        model: a transformers causal LM, possibly wrapped by PEFT.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(base, "get_output_embeddings"):
-        return f"{type(base).__name__} is not a transformers model with a config and get_output_embeddings()"
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        return f"the model soft-caps its logits (final_logit_softcapping={text_config.final_logit_softcapping})"
-    for name in ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(text_config, name, None)
-        if value is not None and not (isinstance(value, int | float) and math.isclose(value, 1.0)):
-            return f"the model scales its logits ({name}={value})"
-    head = base.get_output_embeddings()
-    if head is None:
-        return f"{type(base).__name__} has no output embedding (get_output_embeddings() is None)"
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-    except ImportError:  # peft is a dependency, but the check must not need it
-        BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = ()
-    if isinstance(head, BaseTunerLayer):
-        return (
-            "lm_head carries a PEFT adapter, which the fused head would bypass: remove 'lm_head' from target_modules"
-        )
-    if isinstance(head, AuxiliaryTrainingWrapper) and not isinstance(head, ModulesToSaveWrapper):
-        return f"lm_head is wrapped by PEFT's {type(head).__name__}, whose forward is more than its weight"
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        return f"the output embedding {type(head).__name__} has no floating (V, d) weight (e.g. a quantised head)"
-    if type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor:
-        return f"the output embedding's weight is a {type(weight).__name__}, not a plain tensor"
-    if getattr(head, "bias", None) is not None:
-        return "lm_head has a bias"
-    return None
+        return d_hidden, d_weight, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------------ public
-def _check_inputs(hidden_states, weight, targets, cost_embedding, weighting, chunk_size):
+def _check_inputs(hidden_states, weight, targets, cost_embedding, weighting, chunk_size, logit_scale, logit_softcap):
     if not torch.is_tensor(hidden_states) or hidden_states.dim() != 2 or not hidden_states.is_floating_point():
         raise ValueError(
             f"hidden_states must be a floating (N, d) tensor of the valid positions, got "
@@ -169,6 +133,10 @@ def _check_inputs(hidden_states, weight, targets, cost_embedding, weighting, chu
         raise ValueError(f"weighting must be one of 'emo_anchored', 'mle_anchored', 'mle', got {weighting!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    if not (isinstance(logit_scale, int | float) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite, non-zero number, got {logit_scale!r}")
+    if logit_softcap is not None and not (isinstance(logit_softcap, int | float) and 0 < logit_softcap < math.inf):
+        raise ValueError(f"logit_softcap must be a positive number or None, got {logit_softcap!r}")
     if targets.numel() and (targets.min() < 0 or targets.max() >= weight.shape[0]):
         raise ValueError(
             f"targets must be in [0, {weight.shape[0]}); found {targets.min().item()}..{targets.max().item()}"
@@ -186,12 +154,15 @@ def fused_linear_emo_loss(
     subtract_target_mass: bool = True,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> EMOLossOutput:
-    """EMO loss of `hidden_states @ weight.T` against `targets`, computed in token chunks without the (N, V) logits.
+    """EMO loss of the logits `transform(hidden_states @ weight.T)` against `targets`, in token chunks without the
+    (N, V) logits.
 
-    Equal to [`~emo_calibrate.loss.emo_loss`] on the logits `hidden_states @ weight.T` (same fields and meaning), with
-    the gradient computed in the forward pass: peak extra memory is two fp32 (chunk_size, V) buffers, dH (N, d) and,
-    for a trainable head only, an fp32 (V, d) accumulator.
+    Equal to [`~emo_calibrate.losses.emo_loss`] on those logits (same fields and meaning), with the gradient computed
+    in the forward pass: peak extra memory is two fp32 (chunk_size, V) buffers, dH (N, d) and, for a trainable head
+    only, an fp32 (V, d) accumulator. See the module docstring for the dtypes.
 
     Args:
         hidden_states (`torch.Tensor` of shape `(N, d)`):
@@ -212,15 +183,21 @@ def fused_linear_emo_loss(
         chunk_size (`int`, *optional*):
             Tokens per chunk. `None` picks it with [`auto_chunk_size`]: the two fp32 (chunk, V) buffers take about the
             bytes of `hidden_states`, bounded to [32 MiB, 2 GiB] on CPU and [1 GiB, 2 GiB] on a GPU.
+        logit_scale (`float`, *optional*, defaults to `1.0`), logit_softcap (`float`, *optional*):
+            The model's output transform: logits = `logit_softcap * tanh(logit_scale * x / logit_softcap)` with
+            `x = hidden_states @ weight.T`, or `logit_scale * x` without a soft cap (Gemma 2's
+            `final_logit_softcapping`, Cohere's `logit_scale`, 1 / Granite's `logits_scaling`; see
+            [`~emo_calibrate.losses.output_logit_transform`]).
 
     Returns:
         [`~emo_calibrate.loss.EMOLossOutput`]: `loss` carries the gradient to `hidden_states` (and `weight`).
     """
-    _check_inputs(hidden_states, weight, targets, cost_embedding, weighting, chunk_size)
+    _check_inputs(hidden_states, weight, targets, cost_embedding, weighting, chunk_size, logit_scale, logit_softcap)
     num_tokens = hidden_states.shape[0]
     device_type = hidden_states.device.type
-    # GEMMs run in the model dtype, or in the autocast dtype when the caller runs under autocast.
-    if torch.is_autocast_enabled(device_type):
+    # GEMMs run in the model dtype, or in the autocast dtype when the caller runs under autocast (the Trainer's mixed
+    # precision): the dtype the model's own head would use.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden_states.dtype, weight.dtype)
@@ -233,6 +210,8 @@ def fused_linear_emo_loss(
         subtract_target_mass=subtract_target_mass,
         compute_dtype=compute_dtype,
         chunk_size=max(1, chunk_size),
+        logit_scale=float(logit_scale),
+        logit_softcap=None if logit_softcap is None else float(logit_softcap),
     )
     if cost_embedding is None:
         cost, inv_norm = None, inverse_row_norms(weight)
@@ -244,12 +223,12 @@ def fused_linear_emo_loss(
     normalizer = torch.as_tensor(normalizer, device=hidden_states.device, dtype=torch.float32).clamp(min=1)
 
     grad_wanted = torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)
-    with torch.autocast(device_type, enabled=False):
+    with _autocast_off(device_type):
         if grad_wanted:
             loss, *stats = _FusedLinearEMO.apply(hidden_states, weight, targets, cost, inv_norm, opts, normalizer)
         else:
             with torch.no_grad():
-                stats, _, _ = run_chunks(hidden_states, weight, targets, cost, inv_norm, opts, None, False, False)
+                stats, _, _ = run_chunks(hidden_states, weight, targets, cost, inv_norm, opts, False, False)
             loss = None
     out = reduce_per_token(*stats, num_valid, num_items_in_batch)
     if loss is not None:

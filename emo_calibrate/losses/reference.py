@@ -20,6 +20,7 @@ Everything here is the readable reference. `emo_calibrate.fused` computes the sa
 materialising the (N, V) logits; the tests hold the two together.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +52,9 @@ class EMOLossOutput:
             else the number of valid targets, at least 1).
         mle: mean cross-entropy over the valid targets of this call.
         emo: mean EMO term over the valid targets (its value includes q_y when `subtract_target_mass=True`).
+        emd: mean transport cost `sum_i q_i (1 - cos(e_i, e_y))` over the valid targets: the earth mover distance to
+            the target, without the q_y that `subtract_target_mass` adds (equal to `emo` when it is off). It falls as
+            the model becomes confidently right, when `emo` rises towards 1.
         ratio: mean detached weight (emo/mle for `emo_anchored`, the possibly clamped mle/emo for `mle_anchored`).
         entropy: mean entropy of the predicted next-token distribution.
         accuracy: share of valid targets that are the arg-max prediction.
@@ -60,6 +64,7 @@ class EMOLossOutput:
     loss: torch.Tensor
     mle: torch.Tensor
     emo: torch.Tensor
+    emd: torch.Tensor
     ratio: torch.Tensor
     entropy: torch.Tensor
     accuracy: torch.Tensor
@@ -143,6 +148,7 @@ def _emo_on_flat_logits(z, targets, valid, cost_hat, weighting, ratio_clamp, sub
 
     e_target = cost_hat[safe_targets]  # (N, d') gather: never a one-hot matmul, never a V x V cost matrix
     q_embedded = q @ cost_hat  # (N, d') the expected embedding under q: the one extra (N x V x d') product
+    emd = (1.0 - (q_embedded * e_target).sum(-1)).detach()
     if subtract_target_mass:
         # q - sg(q_y onehot_y), written without the one-hot: the gradient is unchanged, the value gains q_y.
         q_target = q.gather(-1, safe_targets[:, None]).detach()
@@ -150,7 +156,7 @@ def _emo_on_flat_logits(z, targets, valid, cost_hat, weighting, ratio_clamp, sub
     emo = 1.0 - (q_embedded * e_target).sum(-1)
 
     zero = torch.zeros_like(mle)
-    mle, emo = torch.where(valid, mle, zero), torch.where(valid, emo, zero)
+    mle, emo, emd = (torch.where(valid, value, zero) for value in (mle, emo, emd))
     per_token, ratio = weight_per_token(mle, emo, weighting, ratio_clamp)
     per_token = torch.where(valid, per_token, zero)
 
@@ -158,7 +164,7 @@ def _emo_on_flat_logits(z, targets, valid, cost_hat, weighting, ratio_clamp, sub
         # 0 * log 0 = 0: a token ruled out by a -inf logit has q = 0 and log q = -inf, whose product would be NaN.
         entropy = torch.where(valid, -(q * log_q.clamp(min=torch.finfo(log_q.dtype).min)).sum(-1), zero)
         correct = (z.argmax(-1) == targets) & valid
-    return per_token, mle.detach(), emo.detach(), torch.where(valid, ratio, zero), entropy, correct
+    return per_token, mle.detach(), emo.detach(), emd, torch.where(valid, ratio, zero), entropy, correct
 
 
 def emo_loss(
@@ -204,16 +210,26 @@ def emo_loss(
     z = logits[:, :-1, :].reshape(-1, vocab)
     targets = labels[:, 1:].reshape(-1).to(z.device)
     valid = targets != ignore_index
-    # fp32 maths for fp32/bf16/fp16 logits (fp16 would underflow the official epsilons); fp64 stays fp64.
+    # fp32 maths for fp32/bf16/fp16 logits (fp16 would underflow the official epsilons); fp64 stays fp64. Autocast
+    # (a caller inside the Trainer's mixed precision) would run `q @ Ê` in bf16/fp16: it is switched off here.
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    cost_hat = normalize_cost_embedding(cost_embedding, compute_dtype).to(z.device)
-    per_token, mle, emo, ratio, entropy, correct = _emo_on_flat_logits(
-        z, targets, valid, cost_hat, weighting, ratio_clamp, subtract_target_mass
-    )
-    return reduce_per_token(per_token, mle, emo, ratio, entropy, correct, valid.sum(), num_items_in_batch)
+    with _autocast_off(z.device.type):
+        cost_hat = normalize_cost_embedding(cost_embedding, compute_dtype).to(z.device)
+        per_token, mle, emo, emd, ratio, entropy, correct = _emo_on_flat_logits(
+            z, targets, valid, cost_hat, weighting, ratio_clamp, subtract_target_mass
+        )
+        return reduce_per_token(per_token, mle, emo, emd, ratio, entropy, correct, valid.sum(), num_items_in_batch)
 
 
-def reduce_per_token(per_token, mle, emo, ratio, entropy, correct, num_valid, num_items_in_batch) -> EMOLossOutput:
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def reduce_per_token(
+    per_token, mle, emo, emd, ratio, entropy, correct, num_valid, num_items_in_batch
+) -> EMOLossOutput:
     """Reduce per-token (N,) values into an [`EMOLossOutput`]; shared by the reference and the fused paths."""
     normalizer = num_valid if num_items_in_batch is None else num_items_in_batch
     normalizer = torch.as_tensor(normalizer, device=per_token.device, dtype=torch.float32).clamp(min=1)
@@ -222,6 +238,7 @@ def reduce_per_token(per_token, mle, emo, ratio, entropy, correct, num_valid, nu
         loss=per_token.sum() / normalizer,
         mle=mle.sum() / count,
         emo=emo.sum() / count,
+        emd=emd.sum() / count,
         ratio=ratio.sum() / count,
         entropy=entropy.sum() / count,
         accuracy=correct.sum() / count,

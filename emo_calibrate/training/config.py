@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .validation import check_mixed_precision_request
+from .validation import check_config_loss_options, check_mixed_precision_request
 
 
 logger = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ __all__ = ["EMOConfig", "COST_EMBEDDING_KEYWORDS"]
 COST_EMBEDDING_KEYWORDS = ("frozen", "adaptive")
 WEIGHTING_CHOICES = ("emo_anchored", "mle_anchored", "mle")
 # Metrics (logged by EMOTrainer and the calibration guard) for which lower is better.
-_LOWER_IS_BETTER = ("mle", "emo", "ppl", "ppl_ratio")
+_LOWER_IS_BETTER = ("mle", "emo", "emd", "ppl", "ppl_ratio")
 
 
 def _has_accelerator() -> bool:
@@ -29,6 +29,8 @@ def _has_accelerator() -> bool:
 class EMOConfig(SFTConfig):
     r"""
     Configuration for [`EMOTrainer`]: every field of [`~trl.SFTConfig`] plus the parameters of the EMO loss.
+    SFTConfig's options for its own cross-entropy, `loss_type` other than `"nll"` and `label_smoothing_factor > 0`,
+    are refused here: the loss is EMO's.
 
     > Parameters that control the EMO loss
 
@@ -42,16 +44,20 @@ class EMOConfig(SFTConfig):
         `emo_weighting="mle_anchored"`.
     emo_subtract_target_mass (`bool`, *optional*, defaults to `True`):
         Subtract the target's own (detached) probability from q before the EMO term, as the official code does. The
-        gradient is unchanged; the value gains q_y, which keeps the detached ratios well-conditioned.
+        gradient is unchanged; the value gains q_y, which keeps the detached ratios well-conditioned. The logged `emd`
+        is the transport cost without it (the earth mover distance to the target); `emo` = `emd` + q_y.
     emo_cost_embedding (`str`, *optional*, defaults to `"frozen"`):
         Embedding that defines the transport cost 1 - cos(e_i, e_j). `"frozen"`: the model's pretrained output
         embedding as it is before training (under LoRA the head is frozen, so it is read in place, without a copy).
         `"adaptive"`: the live output embedding, detached, for runs that train the head. Or a path to a `.safetensors`
         file or a model folder whose output embedding has the same vocabulary (its width may differ).
     emo_fused_head (`bool`, *optional*, defaults to `True`):
-        Compute the loss from the last hidden states in token chunks, never materialising the (batch, seq_len, vocab)
-        logits. Models whose head cannot be fused (logit soft-capping or scaling, a head bias) fall back to the
-        reference full-logits path with a log line.
+        Compute the loss from the decoder's last hidden state in token chunks, never materialising the (batch,
+        seq_len, vocab) logits, in the training dtype (under bf16 mixed precision its GEMMs run in bf16, with no
+        fp32 copy of the head). Soft-capped or scaled logits (Gemma 2, Cohere, Granite, ...) and DeepSpeed ZeRO-3 are
+        handled. A head it cannot stand in for (a bias, an adapter on `lm_head`, a quantised head, a model whose
+        logits a one-time check does not reproduce) falls back to the reference full-logits path, with one warning
+        giving the memory it costs.
     emo_chunk_size (`int`, *optional*):
         Tokens per chunk of the fused head. Default: chosen from the vocabulary and hidden sizes.
 
@@ -61,8 +67,9 @@ class EMOConfig(SFTConfig):
         The guard evaluates the starting model once (it switches `eval_on_start` on), then logs `eval_ppl` and
         `eval_ppl_ratio` (held-out perplexity over the starting one) at every evaluation and warns when the ratio
         exceeds this bound. `None` turns the guard off. To keep the best checkpoint, use the Trainer's
-        `load_best_model_at_end=True` with `metric_for_best_model="mle"` (or `"ppl"`, `"ppl_ratio"`: these default to
-        lower-is-better).
+        `load_best_model_at_end=True`: without `metric_for_best_model` it keeps the lowest `eval_mle` (held-out
+        cross-entropy), not the lowest loss, which under the default `emo_subtract_target_mass` rises as the model
+        becomes confidently right (`"ppl"`, `"ppl_ratio"`, `"emd"` are lower-is-better too).
     emo_guard_stop (`bool`, *optional*, defaults to `False`):
         Stop training at the first evaluation whose ratio exceeds `emo_guard_max_ppl_ratio`.
 
@@ -126,8 +133,8 @@ class EMOConfig(SFTConfig):
     emo_fused_head: bool = field(
         default=True,
         metadata={
-            "help": "Compute EMO from hidden states in token chunks without the full logits (falls back to the "
-            "reference path, with a log line, where the model's head cannot be fused)."
+            "help": "Compute EMO from the last hidden state in token chunks, in the training dtype, without the full "
+            "logits (falls back to the reference path, with one warning, where the model's head cannot be fused)."
         },
     )
     emo_chunk_size: int | None = field(
@@ -165,6 +172,14 @@ class EMOConfig(SFTConfig):
             self.activation_checkpointing = True  # TRL's default, under its current name
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator; it would do nothing
+        # The Trainer's default best model is the one with the lowest eval loss, but with the default
+        # emo_subtract_target_mass the EMO loss (2 * emo) rises as the model becomes confidently right: keep the
+        # checkpoint with the lowest held-out cross-entropy instead, unless the user chose a metric.
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "mle"
+            logger.info(
+                "load_best_model_at_end: keeping the checkpoint with the lowest eval_mle (held-out cross-entropy)."
+            )
         # The guard's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
         # "loss": set the direction unless the user did.
         best = (self.metric_for_best_model or "").removeprefix("eval_")
@@ -177,6 +192,7 @@ class EMOConfig(SFTConfig):
             self.bf16 = False
         check_mixed_precision_request(self)  # a clearer message than TrainingArguments' for bf16 without support
         super().__post_init__()
+        check_config_loss_options(self)  # loss_type, label_smoothing_factor: SFT options EMO would ignore
 
         if self.emo_weighting not in WEIGHTING_CHOICES:
             raise ValueError(

@@ -14,11 +14,13 @@ import torch
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
+from trl.models.utils import _ForwardRedirection
 
 from ..export.records import save_training_record
 from ..losses.cost_embedding import load_cost_embedding
-from ..losses.fused import fused_head_unsupported_reason, fused_linear_emo_loss
-from ..losses.reference import emo_loss
+from ..losses.fused import fused_linear_emo_loss
+from ..losses.output_head import fused_head_unsupported_reason, output_logit_transform
+from ..losses.reference import EMOLossOutput, emo_loss
 from ..utils.quantization import disable_cpu_4bit_repacking
 from .callbacks import CalibrationGuard, NonFiniteGuard, StopController
 from .checkpointing import (
@@ -31,7 +33,8 @@ from .checkpointing import (
     save_emo_state,
 )
 from .config import EMOConfig
-from .validation import validate_prepared_trainer, validate_trainer_inputs
+from .loss_head import decoder_backbone, first_row, head_weight, reference_memory_note, router_aux_loss
+from .validation import SHIFT_LABELS_ERROR, validate_prepared_trainer, validate_trainer_inputs
 
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ __all__ = ["EMOTrainer"]
 _TOKEN_METRICS = {
     "mle": "mle",
     "emo": "emo",
+    "emd": "emd",
     "emo_ratio": "ratio",
     "entropy": "entropy",
     "mean_token_accuracy": "accuracy",
@@ -85,27 +89,40 @@ class EMOTrainer(SFTTrainer):
                 booktitle    = {The Twelfth International Conference on Learning Representations, {ICLR} 2024},
             }"""),
     }
-    # compute_loss returns sum / num_items_in_batch, already correct under gradient accumulation: the Trainer must not
-    # divide it again by the number of accumulation steps.
-    loss_is_scaled_for_ga = True
+    # compute_loss returns sum / num_items_in_batch when the Trainer counted the target tokens of the accumulation
+    # window (it always does for EMOTrainer, see __init__), else a per-batch mean: the Trainer's own rule (None) then
+    # divides by the accumulation steps exactly when the loss was not normalized by that count.
+    loss_is_scaled_for_ga = None
 
     def __init__(self, model, args=None, *pargs, **kwargs):
         args = _as_emo_config(model, args)
         # Bad input fails here, with one clear message, before the model is loaded (see validation.py).
         kwargs = validate_trainer_inputs(model, args, pargs, kwargs)
         super().__init__(model, args, *pargs, **kwargs)
+        # The Trainer counts the target tokens of each accumulation window (num_items_in_batch) only when the model's
+        # forward accepts loss kwargs, because it then passes the count to the model. The EMO loss is ours, not the
+        # model's: the tokens are counted for every model (many *ForConditionalGeneration classes say False), so the
+        # loss is sum / tokens of the window and gradient accumulation is exact. In transformers 5.24 the attribute
+        # otherwise only decides what Trainer.compute_loss (overridden here) passes to the model, and the rule of
+        # `loss_is_scaled_for_ga = None` above.
+        self.model_accepts_loss_kwargs = True
         # bitsandbytes' CPU fast path breaks gradients and merges after any eval forward (see utils/quantization.py).
         disable_cpu_4bit_repacking(self.model)
-        # DeepSpeed ZeRO-3 partitions every parameter, the head too: outside the model's own forward its weight is an
-        # empty placeholder. The cost embedding is then a copy gathered once, and the loss takes the reference path
-        # (the model's forward gathers the head for the logits).
+        # DeepSpeed ZeRO-3 partitions every parameter, the head too: outside its module's forward the weight is an
+        # empty placeholder. The fused head gathers it for the step (inside the model's forward), and a frozen cost
+        # embedding is a copy gathered once.
         self._zero3 = is_deepspeed_zero3_enabled()
         self._check_vocabulary()
         self._emo_cost = self._resolve_cost_embedding()
         # Fixed now, before accelerate / FSDP wraps the head: checkpoints store it without any collective.
         self._cost_identity = cost_identity_before_training(self)
+        self._logit_scale, self._logit_softcap = output_logit_transform(self.accelerator.unwrap_model(self.model))
         self._fused_reason = self._fused_head_check()
         self._fused_verified = False
+        self._reference_noted = set()
+        self._token_sums = {}
+        # The fused loss calls the decoder backbone inside the wrapper's forward, so DDP/FSDP/DeepSpeed hooks fire.
+        self._forward_redirection = _ForwardRedirection()
         # Reliability: tokenized data and disk space are checked before the first step; NaN/inf updates are skipped;
         # SIGTERM / Ctrl-C stop with a checkpoint.
         validate_prepared_trainer(self)
@@ -174,19 +191,13 @@ class EMOTrainer(SFTTrainer):
         return cost
 
     def _fused_head_check(self) -> str | None:
+        """Why the loss cannot take the fused path (said once, with its memory, at the first step), or None."""
         if not self.args.emo_fused_head:
             return "emo_fused_head=False"
-        if self._zero3:
-            reason = "DeepSpeed ZeRO-3 partitions the head weight that the fused head reads outside the forward"
-            logger.warning("EMO: using the reference full-logits loss because %s.", reason)
-            return reason
-        base = self.accelerator.unwrap_model(self.model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        reason = fused_head_unsupported_reason(base)
-        if reason is None and "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
-            reason = f"{type(base).__name__}.forward has no `logits_to_keep` argument"
-        if reason is not None:
-            logger.warning("EMO: using the reference full-logits loss because %s.", reason)
+        causal_lm, backbone = decoder_backbone(self.accelerator.unwrap_model(self.model))
+        reason = fused_head_unsupported_reason(causal_lm)
+        if reason is None and backbone is None:
+            reason = f"{type(causal_lm).__name__} has no separate decoder backbone (`base_model` is the model itself)"
         return reason
 
     # ---- the loss -----------------------------------------------------------------------------------------------
@@ -198,49 +209,92 @@ class EMOTrainer(SFTTrainer):
             subtract_target_mass=self.args.emo_subtract_target_mass,
         )
 
-    def _fused_loss(self, model, model_inputs, labels, num_items_in_batch):
-        # Going through the (possibly DDP-wrapped, PEFT-wrapped) model keeps hooks and adapters active; only the last
-        # position's logits are projected (logits_to_keep=1), the rest of the head is ours, chunk by chunk.
-        outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = outputs.hidden_states[-1]
-        weight = self._output_weight(model)
-        if not self._fused_verified:
-            self._verify_last_hidden_state(hidden, weight, outputs.logits)
-        hidden = hidden[:, :-1].to(weight.device)
-        targets = labels[:, 1:].to(weight.device)
-        mask = targets != -100
-        result = fused_linear_emo_loss(
-            hidden[mask],
-            weight,
-            targets[mask],
-            cost_embedding=self._emo_cost,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.args.emo_chunk_size,
-            **self._loss_options(),
-        )
-        return result, outputs
+    def _fused_loss(self, unwrapped, model_inputs, labels, num_items_in_batch):
+        """The fused EMO loss; runs as the wrapped model's forward (`_forward_redirection`), so DDP/FSDP/ZeRO-3
+        hooks fire. Only the LAST hidden state is asked for, in the training dtype: the backbone runs under the
+        Trainer's autocast (the redirection bypasses accelerate's forward wrapper, which would also upcast every
+        output to fp32), and the head's GEMMs run in the autocast dtype. Returns a tuple of tensors (what DDP
+        expects from a forward): the fields of `EMOLossOutput`, then the MoE load-balancing loss or None."""
+        causal_lm, backbone = decoder_backbone(unwrapped)
+        with self.accelerator.autocast():
+            outputs = backbone(**model_inputs)
+            hidden, targets = outputs.last_hidden_state[:, :-1], labels[:, 1:]
+            with head_weight(causal_lm, self._zero3) as weight:
+                hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+                mask = targets != -100
+                result = fused_linear_emo_loss(
+                    hidden[mask],
+                    weight,
+                    targets[mask],
+                    cost_embedding=self._emo_cost,
+                    num_items_in_batch=num_items_in_batch,
+                    chunk_size=self.args.emo_chunk_size,
+                    logit_scale=self._logit_scale,
+                    logit_softcap=self._logit_softcap,
+                    **self._loss_options(),
+                )
+        aux_loss = router_aux_loss(causal_lm, outputs, model_inputs.get("attention_mask"))
+        return (*(getattr(result, f.name) for f in dataclasses.fields(result)), aux_loss)
+
+    def _fused_last_logits(self, unwrapped, row):
+        """The fused head's logits at the last position of `row`, (1, V) fp32; runs as the wrapped model's forward."""
+        causal_lm, backbone = decoder_backbone(unwrapped)
+        with self.accelerator.autocast():
+            hidden = backbone(**row).last_hidden_state[:, -1]
+        with head_weight(causal_lm, self._zero3) as weight:
+            logits = torch.mm(hidden.to(weight.device, weight.dtype), weight.t()).float() * self._logit_scale
+        if self._logit_softcap is not None:
+            logits = self._logit_softcap * torch.tanh(logits / self._logit_softcap)
+        return logits
 
     @torch.no_grad()
-    def _verify_last_hidden_state(self, hidden, weight, last_logits):
-        """Check once that `hidden_states[-1]` is what the head projects (final norm applied) for this model."""
-        expected = last_logits[:, -1].float()
-        got = (hidden[:, -1].to(weight.dtype) @ weight.t()).float()
-        tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
-        if not torch.allclose(got, expected, atol=tolerance * max(1.0, expected.abs().max().item()), rtol=0):
-            raise RuntimeError(
-                "EMO fused head: the model's last hidden state does not reproduce its logits, so the fused loss would "
-                "be wrong for this architecture. Set emo_fused_head=False to use the reference full-logits loss."
+    def _verify_fused_head(self, model, model_inputs) -> bool:
+        """Once, on the first example of the first batch: the fused logits (the backbone's last hidden state through
+        the head and its soft cap / scale) reproduce the model's own at the last position. A model whose forward
+        does more (an unknown logit transform, a final norm outside the backbone) falls back to the reference."""
+        row = first_row(model_inputs)
+        causal_lm, _ = decoder_backbone(self.accelerator.unwrap_model(model))
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(causal_lm.forward).parameters else {}
+        expected = model(**row, **keep).logits[:, -1].float()
+        unwrapped = self.accelerator.unwrap_model(model)
+        got = self._forward_redirection(model, unwrapped, self._fused_last_logits, unwrapped, row).to(expected.device)
+        low_precision = got.dtype != torch.float32 or self.args.bf16 or self.args.fp16
+        scale = max(1.0, expected.abs().max().item())
+        difference = (got - expected).abs().max().item()
+        if not difference <= (5e-2 if low_precision else 1e-3) * scale:
+            self._fused_reason = (
+                f"the decoder backbone's last hidden state, projected by the output embedding (logit scale "
+                f"{self._logit_scale}, soft cap {self._logit_softcap}), does not reproduce the model's logits (max "
+                f"difference {difference:.3g} for logits up to {scale:.3g}): its forward does more than that"
             )
+            return False
         self._fused_verified = True
+        return True
 
-    def _reference_loss(self, model, model_inputs, labels, num_items_in_batch):
+    def _reference_loss(self, model, model_inputs, labels, num_items_in_batch, reason):
+        self._note_reference_path(reason, labels)
         outputs = model(**model_inputs)
         cost = self._emo_cost if self._emo_cost is not None else self._output_weight(model).detach()
         result = emo_loss(outputs.logits, labels, cost, num_items_in_batch=num_items_in_batch, **self._loss_options())
         return result, outputs
 
+    def _note_reference_path(self, reason, labels):
+        """Say once per reason that the loss takes the full-logits path, and what it costs at this batch."""
+        if reason in self._reference_noted:
+            return
+        self._reference_noted.add(reason)
+        rows = getattr(self._output_weight(), "ds_shape", self._output_weight().shape)[0]
+        chosen = reason in ("emo_fused_head=False", "compute_metrics needs the full logits")
+        (logger.info if chosen else logger.warning)(
+            "EMO: the loss takes the reference full-logits path because %s. It holds %s.",
+            reason,
+            reference_memory_note(labels, rows),
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        if "shift_labels" in inputs:  # context / sequence parallelism, refused before the model loads as well
+            raise ValueError(SHIFT_LABELS_ERROR)
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
@@ -248,33 +302,43 @@ class EMOTrainer(SFTTrainer):
         # No labels to the model: it would compute its own cross-entropy over the full logits on top of ours.
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
 
-        # Callers that want the logits (compute_metrics) get them from the reference path.
-        if self._fused_reason is None and not return_outputs:
-            result, outputs = self._fused_loss(model, model_inputs, labels, num_items_in_batch)
+        fused = self._fused_reason is None and not return_outputs
+        if fused and not self._fused_verified:
+            fused = self._verify_fused_head(model, model_inputs)
+        if fused:
+            unwrapped = self.accelerator.unwrap_model(model)
+            *fields, aux_loss = self._forward_redirection(
+                model, unwrapped, self._fused_loss, unwrapped, model_inputs, labels, num_items_in_batch
+            )
+            result = EMOLossOutput(*fields)
         else:
-            result, outputs = self._reference_loss(model, model_inputs, labels, num_items_in_batch)
+            # Callers that want the logits (compute_metrics) get them from the reference path.
+            reason = self._fused_reason or "compute_metrics needs the full logits"
+            result, outputs = self._reference_loss(model, model_inputs, labels, num_items_in_batch, reason)
+            aux_loss = getattr(outputs, "aux_loss", None)
         loss = result.loss
 
         # As SFTTrainer: num_items_in_batch counts the tokens of every rank while DDP averages gradients over ranks.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
+        if self.aux_loss_enabled and aux_loss is not None:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
             self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
             )
 
         self._log_token_metrics(mode, result, inputs)
         return (loss, outputs) if return_outputs else loss
 
     def _log_token_metrics(self, mode, result, inputs):
-        # One gather for all metrics: token-weighted sums, so that means over ranks and micro-batches stay exact.
+        # Token-weighted sums, gathered over ranks and accumulated over micro-batches until the next log: the logged
+        # means are exact means over the tokens of the logging window, whatever the batch / accumulation split.
         count = result.num_tokens.float()
         sums = torch.stack([count] + [getattr(result, field).float() * count for field in _TOKEN_METRICS.values()])
-        sums = self.accelerator.gather_for_metrics(sums[None]).reshape(-1, sums.numel()).sum(0)
-        for (name, _), value in zip(_TOKEN_METRICS.items(), sums[1:]):
-            self._metrics[mode][name].append((value / sums[0]).item() if sums[0] > 0 else 0.0)
+        sums = self.accelerator.gather_for_metrics(sums[None]).reshape(-1, sums.numel()).sum(0).tolist()
+        totals = self._token_sums.setdefault(mode, [0.0] * len(sums))
+        self._token_sums[mode] = [a + b for a, b in zip(totals, sums)]
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
@@ -282,6 +346,14 @@ class EMOTrainer(SFTTrainer):
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs, start_time=None):
+        mode = "train" if self.model.training else "eval"
+        sums = self._token_sums.pop(mode, None)
+        if sums is not None:
+            for name, value in zip(_TOKEN_METRICS, sums[1:]):
+                self._metrics[mode][name] = [value / sums[0] if sums[0] > 0 else 0.0]
+        super().log(logs, start_time)
 
     # ---- reliability: exact resume, a checkpoint on SIGTERM / Ctrl-C, never a NaN update nor a NaN save ----
 

@@ -12,14 +12,17 @@ import os
 import shutil
 import tempfile
 
+from .loss_options import SHIFT_LABELS_ERROR, check_config_loss_options, check_trainer_loss_options
 from .sharding_checks import check_peft_method, check_sharding
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SHIFT_LABELS_ERROR",
     "check_causal_lm",
     "check_causal_lm_instance",
+    "check_config_loss_options",
     "check_dataset",
     "check_device_precision",
     "check_disk_space",
@@ -31,6 +34,7 @@ __all__ = [
     "check_quantization",
     "check_sharding",
     "check_tokenizer_padding",
+    "check_trainer_loss_options",
     "check_training_targets",
     "count_targets",
     "estimate_output_bytes",
@@ -444,6 +448,7 @@ def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None 
     check_device_precision(args)
     check_sharding(args)
     check_peft_method(model, bound.get("peft_config"))
+    check_trainer_loss_options(model, args, bound)
     init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
     check_quantization(bound.get("quantization_config") or init_kwargs.get("quantization_config"), args.device.type)
     processing_class = bound.get("processing_class")

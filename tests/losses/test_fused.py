@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from emo_calibrate.losses import fused_chunks
-from emo_calibrate.losses.fused import auto_chunk_size, fused_head_unsupported_reason, fused_linear_emo_loss
+from emo_calibrate.losses.fused import auto_chunk_size, fused_linear_emo_loss
+from emo_calibrate.losses.output_head import fused_head_unsupported_reason, output_logit_transform
 from emo_calibrate.losses.reference import emo_loss
 
 
-FIELDS = ("loss", "mle", "emo", "ratio", "entropy", "accuracy")
+FIELDS = ("loss", "mle", "emo", "emd", "ratio", "entropy", "accuracy")
 VARIANTS = [  # (weighting, ratio_clamp): the clamp of 2.0 is active on these shapes (mle/emo is about 3-5)
     ("emo_anchored", None),
     ("mle_anchored", None),
@@ -29,15 +30,21 @@ def make_inputs(n=37, vocab=101, dim=16, cost_dim=24, dtype=torch.float32, seed=
     return hidden.to(dtype), weight.to(dtype), targets, cost
 
 
-def reference(hidden, weight, targets, cost, grad_scale=1.0, **options):
-    """emo_loss on fp32 logits built from the same (possibly low-precision) values; gradients w.r.t. H and W."""
-    h = hidden.detach().float().requires_grad_()
-    w = weight.detach().float().requires_grad_()
-    logits = h @ w.t()
+def reference(
+    hidden, weight, targets, cost, grad_scale=1.0, logit_scale=1.0, logit_softcap=None, dtype=None, **options
+):
+    """emo_loss on fp32 (or `dtype`) logits built from the same (possibly low-precision) values, with the model's
+    logit transform applied by autograd; gradients w.r.t. H and W."""
+    dtype = dtype or torch.float32
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    logits = (h @ w.t()) * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
     # emo_loss shifts: logits at t predict labels at t+1, so pad one dummy row and one ignored leading label.
     logits = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])[None]
     labels = torch.cat([torch.tensor([-100]), targets])[None]
-    out = emo_loss(logits, labels, w.detach() if cost is None else cost, **options)
+    out = emo_loss(logits, labels, w.detach() if cost is None else cost.to(dtype), **options)
     (out.loss * grad_scale).backward()
     return out, h.grad, w.grad
 
@@ -69,6 +76,57 @@ def test_fp32_matches_reference(weighting, ratio_clamp, subtract_target_mass, ex
     ref, ref_dh, ref_dw = reference(hidden, weight, targets, cost, **options)
     out, dh, dw = run_fused(hidden, weight, targets, cost, chunk_size=8, **options)  # 8 does not divide 37
     assert_matches(out, ref, 1e-5, 1e-5, (dh, dw), (ref_dh, ref_dw))
+
+
+TRANSFORMS = [(1.0, 30.0), (0.0625, None), (1 / 8, None), (3.0, 5.0)]  # Gemma 2, Cohere, Granite, both
+
+
+@pytest.mark.parametrize("logit_scale,logit_softcap", TRANSFORMS)
+@pytest.mark.parametrize("weighting,ratio_clamp", VARIANTS[:3])
+@pytest.mark.parametrize("external_cost", [False, True])
+def test_logit_transform_matches_reference(logit_scale, logit_softcap, weighting, ratio_clamp, external_cost):
+    """Soft-capped or scaled logits: values, dH and dW equal autograd through the transform (the chain rule)."""
+    hidden, weight, targets, cost = make_inputs()
+    hidden = hidden * 3  # large logits, so that a cap of 5 saturates some of them
+    cost = cost if external_cost else None
+    options = dict(weighting=weighting, ratio_clamp=ratio_clamp, logit_scale=logit_scale, logit_softcap=logit_softcap)
+    ref, ref_dh, ref_dw = reference(hidden, weight, targets, cost, **options)
+    out, dh, dw = run_fused(hidden, weight, targets, cost, chunk_size=8, **options)
+    assert_matches(out, ref, 1e-5, 1e-5, (dh, dw), (ref_dh, ref_dw))
+
+
+@pytest.mark.parametrize("logit_scale,logit_softcap", TRANSFORMS[:2])
+def test_logit_transform_in_bf16(logit_scale, logit_softcap):
+    hidden, weight, targets, cost = make_inputs(n=64, vocab=211, dim=32, dtype=torch.bfloat16)
+    options = dict(logit_scale=logit_scale, logit_softcap=logit_softcap)
+    ref, ref_dh, ref_dw = reference(hidden, weight, targets, None, **options)
+    out, dh, dw = run_fused(hidden, weight, targets, None, chunk_size=24, **options)
+    assert abs(out.accuracy - ref.accuracy) <= 1 / 64 + 1e-6
+    out.accuracy = ref.accuracy
+    assert_matches(out, ref, 5e-3, 3e-2, (dh, dw), (ref_dh, ref_dw))
+
+
+@pytest.mark.parametrize("weighting", ["emo_anchored", "mle_anchored"])
+@pytest.mark.parametrize("loss_scale", [2.0**15, 2.0**16])  # 2^16 is GradScaler's initial scale (inf in fp16)
+def test_fp16_gradients_survive_a_large_normalizer_and_loss_scaling(weighting, loss_scale):
+    """Under fp16 the loss scaler multiplies the loss by S in backward; dZ / N must not flush to zero before that.
+
+    N = 2^20 valid tokens in the accumulation window: dZ / N is ~1e-7..1e-12, below fp16's smallest number (6e-8),
+    while S dZ / N is well inside fp16's range. Compared with the fp64 reference gradient."""
+    hidden, weight, targets, _ = make_inputs(n=64, vocab=211, dim=32)
+    hidden[:16] *= 4  # some confident tokens: 1 - q_y, and with it most of their dZ, is tiny
+    hidden, weight = hidden.half(), weight.half()
+    options = dict(weighting=weighting, num_items_in_batch=2**20)
+    _, ref_dh, _ = reference(hidden, weight, targets, None, grad_scale=loss_scale, dtype=torch.float64, **options)
+    _, dh, _ = run_fused(
+        hidden, weight, targets, None, grad_scale=loss_scale, train_head=False, chunk_size=24, **options
+    )
+    assert dh.dtype == torch.float16 and torch.isfinite(dh).all()
+    representable = ref_dh.abs() > 2.0**-24  # fp16's smallest subnormal
+    flushed = (dh == 0) & representable
+    assert not flushed.any(), f"{int(flushed.sum())} of {int(representable.sum())} dH entries flushed to zero"
+    error = (dh.double() - ref_dh).norm() / ref_dh.norm()
+    assert error < 5e-3, error
 
 
 def test_ratio_clamp_is_active_in_the_variants():
@@ -154,9 +212,9 @@ def test_no_gradient_work_when_no_gradient_is_needed(monkeypatch, mode):
     seen = []
     original = fused_chunks._emo_chunk
 
-    def spy(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad, workspace):
+    def spy(h, y, weight, cost, inv_norm, opts, need_grad, workspace):
         seen.append(need_grad)
-        return original(h, y, weight, cost, inv_norm, opts, inv_normalizer, need_grad, workspace)
+        return original(h, y, weight, cost, inv_norm, opts, need_grad, workspace)
 
     monkeypatch.setattr(fused_chunks, "_emo_chunk", spy)
     hidden, weight, targets, _ = make_inputs()
@@ -280,21 +338,26 @@ def test_unsupported_reason_plain_and_lora_models():
 @pytest.mark.parametrize(
     "attribute,value,expected",
     [
-        ("final_logit_softcapping", 30.0, "soft-caps"),
-        ("logit_scale", 0.0625, "logit_scale"),
-        ("logits_scaling", 8.0, "logits_scaling"),
-        ("output_multiplier", 0.5, "output_multiplier"),
-        ("lm_head_multiplier", 2.0, "lm_head_multiplier"),
-        ("logits_scaling", 1.0, None),
+        ("final_logit_softcapping", 30.0, (1.0, 30.0)),
+        ("logit_scale", 0.0625, (0.0625, None)),
+        ("logits_scaling", 8.0, (0.125, None)),
+        ("output_multiplier", 0.5, (0.5, None)),
+        ("lm_head_multiplier", 2.0, (2.0, None)),
+        ("logits_scaling", 1.0, (1.0, None)),
+        ("logit_scale", None, (1.0, None)),
     ],
 )
-def test_unsupported_reason_config_flags(attribute, value, expected):
+def test_output_logit_transform_from_the_config(attribute, value, expected):
+    """Soft caps and logit scales are applied by the fused head itself: no longer a reason to fall back."""
     from tiny_models import build_tiny_model
 
     model = build_tiny_model("llama")
     setattr(model.config, attribute, value)
-    reason = fused_head_unsupported_reason(model)
-    assert reason is None if expected is None else expected in reason
+    assert output_logit_transform(model) == expected
+    assert fused_head_unsupported_reason(model) is None
+    model.config.model_type = "hyperclovax"  # multiplies by logits_scaling where Granite divides
+    if attribute == "logits_scaling":
+        assert output_logit_transform(model) == (value, None)
 
 
 def test_unsupported_reason_head_shapes():

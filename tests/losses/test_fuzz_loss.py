@@ -170,7 +170,7 @@ def test_reference_loss_is_finite_and_bounded(
     keep = targets != -100
     flat, targets = flat[keep], targets[keep]
     cost_hat = normalize_cost_embedding(cost)
-    *_, emo, _, _, _ = _emo_on_flat_logits(
+    _, _, emo, *_ = _emo_on_flat_logits(
         flat, targets, torch.ones_like(targets, dtype=torch.bool), cost_hat, weighting, ratio_clamp, subtract
     )
     assert_emo_bounds(flat, targets, cost, emo, subtract)
@@ -211,7 +211,7 @@ def test_fused_loss_is_finite_bounded_and_matches_the_reference(
         hidden, weight, targets, cost_embedding=cost, num_items_in_batch=num_items, chunk_size=chunk_size, **kwargs
     )
     out.loss.backward()
-    assert_finite(loss=out.loss, mle=out.mle, emo=out.emo, ratio=out.ratio, entropy=out.entropy)
+    assert_finite(loss=out.loss, mle=out.mle, emo=out.emo, emd=out.emd, ratio=out.ratio, entropy=out.entropy)
     if gradient_must_fit(dtype, weighting, ratio_clamp):
         assert_finite(grad_hidden=hidden.grad, grad_weight=weight.grad)
     tol = LOW_PRECISION_TOL[dtype]
@@ -224,9 +224,9 @@ def test_fused_loss_is_finite_bounded_and_matches_the_reference(
         reference, ref_grads = reference_on_logits(hidden, weight, targets, cost, num_items, kwargs, torch.float64)
         # Not the mean ratio: where q_y -> 1 it is fp32 rounding noise over a vanishing mle (emo/mle = ~1e-7/~0), and
         # it only acts through ratio * mle, which `loss` and the gradients compare.
-        fields = ("loss", "mle", "emo", "entropy")
+        fields = ("loss", "mle", "emo", "emd", "entropy")
         if emo_decides_the_weight(hidden, weight, targets, cost, kwargs):
-            fields = ("mle", "emo", "entropy")
+            fields = ("mle", "emo", "emd", "entropy")
         for field in fields:
             expected, got = getattr(reference, field), getattr(out, field)
             torch.testing.assert_close(

@@ -193,6 +193,34 @@ def test_subtracting_target_mass_adds_q_y_and_keeps_the_gradient():
     torch.testing.assert_close(with_.double() - without.double(), q_y_mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("subtract", [True, False])
+def test_emd_is_the_transport_cost_without_the_target_mass(subtract):
+    """`emd` = sum_i q_i (1 - cos(e_i, e_y)), the explicit-cost-matrix transport cost, whatever `emo` adds to it."""
+    logits, labels, embedding = make_inputs(seed=11, dtype=torch.float64)
+    out = emo_loss(logits, labels, embedding, subtract_target_mass=subtract)
+    _, transport, valid = reference_emo_per_token(logits, labels, embedding, subtract_target_mass=False)
+    torch.testing.assert_close(out.emd, transport.sum() / valid.sum(), rtol=1e-9, atol=1e-12)
+    if not subtract:
+        torch.testing.assert_close(out.emd, out.emo)
+    else:
+        assert out.emo > out.emd  # emo adds the mean q_y
+
+
+def test_reference_loss_runs_in_fp32_under_autocast():
+    """Called inside the Trainer's bf16 autocast, emo_loss still computes in fp32 (its `q @ Ê` would go to bf16)."""
+    logits, labels, embedding = make_inputs(batch=4, length=9, vocab=64, dim=16, seed=12)
+    results = []
+    for autocast in (False, True):
+        x = logits.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = emo_loss(x, labels, embedding)
+        out.loss.backward()
+        results.append((out.loss, out.emo, x.grad))
+    for exact, under_autocast in zip(*results):
+        assert under_autocast.dtype == torch.float32
+        torch.testing.assert_close(under_autocast, exact, rtol=0, atol=0)
+
+
 def test_cost_embedding_width_may_differ_and_zero_rows_stay_finite():
     logits, labels, embedding = make_inputs(dim=3, seed=9)
     wide = torch.randn(37, 64)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tiny_models import lora, make_args, nf4
+from training_runs import assert_trained_alike, lora_state
 from transformers import AutoModelForCausalLM
 
 from emo_calibrate import EMOConfig, EMOTrainer
@@ -11,10 +12,6 @@ from emo_calibrate import EMOConfig, EMOTrainer
 
 def snapshot(model, trainable):
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad == trainable}
-
-
-def lora_state(trainer):
-    return {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_tied_dir"])
@@ -33,7 +30,7 @@ def test_qlora_on_cpu_trains_every_adapter_and_logs_emo_metrics(request, model_f
 
     # An evaluation BEFORE training must not break the 4-bit gradients (bitsandbytes' CPU repacking hazard).
     metrics = trainer.evaluate()
-    assert {"eval_loss", "eval_mle", "eval_emo", "eval_emo_ratio", "eval_entropy"} <= set(metrics)
+    assert {"eval_loss", "eval_mle", "eval_emo", "eval_emd", "eval_emo_ratio", "eval_entropy"} <= set(metrics)
     trainer.train()
 
     lora_after = lora_state(trainer)
@@ -46,12 +43,13 @@ def test_qlora_on_cpu_trains_every_adapter_and_logs_emo_metrics(request, model_f
 
     train_logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
     assert len(train_logs) == 3
-    for key in ("mle", "emo", "emo_ratio", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
+    for key in ("mle", "emo", "emd", "emo_ratio", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
         assert all(key in h for h in train_logs), key
     eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert eval_logs and "eval_emo" in eval_logs[-1]
-    # emo_anchored logs 2 * emo as its loss value
+    # emo_anchored logs 2 * emo as its loss value; emd is the transport cost without the target mass q_y
     assert train_logs[0]["loss"] == pytest.approx(2 * train_logs[0]["emo"], rel=1e-3)
+    assert all(0 <= h["emd"] < h["emo"] for h in train_logs)
 
     # The saved adapter records how its base was quantised, for a faithful merge (tests/export/test_records.py).
     from emo_calibrate.export.records import read_training_record
@@ -93,17 +91,13 @@ def test_emo_shapes_the_update(tiny_llama_dir, tmp_path, tiny_dataset):
 
 @pytest.mark.parametrize("weighting", ["emo_anchored", "mle_anchored"])
 def test_fused_and_reference_paths_train_identically(tiny_tied_dir, tmp_path, tiny_dataset, weighting):
-    results = {}
+    trainers = {}
     for fused in (True, False):
         args = make_args(tmp_path / str(fused), emo_fused_head=fused, emo_weighting=weighting)
-        trainer = EMOTrainer(tiny_tied_dir, args=args, train_dataset=tiny_dataset, peft_config=lora())
-        assert (trainer._fused_reason is None) == fused
-        trainer.train()
-        logs = [(h["loss"], h["mle"], h["emo"]) for h in trainer.state.log_history if "loss" in h]
-        results[fused] = (torch.tensor(logs), lora_state(trainer))
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
-    for name, value in results[True][1].items():
-        torch.testing.assert_close(value, results[False][1][name], rtol=1e-3, atol=1e-5, msg=name)
+        trainers[fused] = EMOTrainer(tiny_tied_dir, args=args, train_dataset=tiny_dataset, peft_config=lora())
+        assert (trainers[fused]._fused_reason is None) == fused
+        trainers[fused].train()
+    assert_trained_alike(trainers[True], trainers[False])
 
 
 def test_full_finetuning_keeps_the_pretrained_cost_embedding(tiny_tied_dir, tmp_path, tiny_dataset):
