@@ -46,7 +46,8 @@ def _parallel_sizes(args) -> dict:
 
 
 def check_trainer_loss_options(model, args, bound: dict) -> None:
-    """`compute_loss_func`, context / sequence parallelism and prompt-learning PEFT, checked by `EMOTrainer`.
+    """`compute_loss_func` and context / sequence parallelism, checked by `EMOTrainer` (prompt-learning PEFT is
+    refused in `sharding_checks.check_peft_method`).
 
     Args:
         model: the model argument of the trainer (a path or a model).
@@ -62,14 +63,3 @@ def check_trainer_loss_options(model, args, bound: dict) -> None:
     sizes = _parallel_sizes(args)
     if sizes:
         raise ValueError(f"{', '.join(f'{k}={v}' for k, v in sizes.items())}: {SHIFT_LABELS_ERROR}")
-    from peft import PeftModel, PromptLearningConfig
-
-    configs = [bound.get("peft_config")]
-    if isinstance(model, PeftModel):
-        configs += list(model.peft_config.values())
-    if any(isinstance(config, PromptLearningConfig) for config in configs):
-        raise ValueError(
-            "Prompt-learning PEFT methods (prompt tuning, prefix tuning, P-tuning) add virtual tokens in "
-            "PeftModel.forward, which shifts the positions the EMO loss is computed on. Use a weight adapter such as "
-            "LoRA (peft_config=LoraConfig(...))."
-        )

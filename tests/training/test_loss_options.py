@@ -65,7 +65,7 @@ def test_prompt_learning_peft_is_refused(tmp_path, tiny_llama_dir, tiny_dataset,
     from peft import PromptTuningConfig
 
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    with pytest.raises(ValueError, match="Prompt-learning") as error:
+    with pytest.raises(ValueError, match="prompt-learning PEFT method") as error:
         EMOTrainer(tiny_llama_dir, args=make_args(tmp_path), train_dataset=tiny_dataset, peft_config=config)
     assert "LoRA" in str(error.value)
 
