@@ -15,9 +15,15 @@ checkpointing, AdamW, random token ids (every position a target), one warm-up st
 the median step time (callback on_step_begin -> on_step_end): process CPU time on CPU (one intra-op thread, so it is
 compute time and hardly moves with other jobs on a shared machine; wall time is reported too), wall time on CUDA. Memory: on CPU the process's resident high-water mark
 during the measured steps (VmHWM reset through /proc/self/clear_refs, glibc told to return freed blocks) and its
-growth over the resident size just before them; on CUDA max_memory_allocated, absolute and growth, likewise.
+growth over the resident size just before them; on CUDA max_memory_allocated, absolute and growth, likewise. One
+more step is then recorded with a `TorchDispatchMode` (benchmarks/common.py `vocab_op_recorder`): the input dtypes of
+every vocabulary-sized GEMM, and the fp32 copies of the (V, d) head and of (B, L, d) hidden states it makes.
+
+`--precision bf16` (CPU) trains as the 7B recipes do: bf16 weights and the Trainer's bf16 mixed precision
+(`use_cpu=True, bf16=True`, autocast on the CPU).
 
     python benchmarks/bench_train_step.py                      # both configurations, CPU fp32, 1 thread
+    python benchmarks/bench_train_step.py --configs head --precision bf16
     python benchmarks/bench_train_step.py --configs head --steps 3
 """
 
@@ -30,18 +36,18 @@ import sys
 import tempfile
 import time
 
-from common import machine_info, status_kib  # benchmarks/common.py (this folder is on sys.path)
+from common import machine_info, status_kib, vocab_op_recorder  # benchmarks/common.py (this folder is on sys.path)
 
 
 CONFIGS = {"head": (4, 512), "smollm2": (4, 256)}  # batch, sequence length
 TRAINERS = ("sft", "emo", "emo_reference")
 
 
-def build_model(config_name, device):
+def build_model(config_name, device, precision):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" or precision == "bf16" else torch.float32
     if config_name == "head":
         from tokenizers import Tokenizer, models
 
@@ -71,7 +77,7 @@ def build_model(config_name, device):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
 
-def worker(config_name, trainer_name, warmup, steps, device):
+def worker(config_name, trainer_name, warmup, steps, device, precision):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -83,12 +89,14 @@ def worker(config_name, trainer_name, warmup, steps, device):
     torch.set_num_threads(1)
     cuda = device == "cuda"
     batch, seq_len = CONFIGS[config_name]
-    model, tokenizer = build_model(config_name, device)
+    model, tokenizer = build_model(config_name, device, precision)
+    bf16 = cuda or precision == "bf16"
     if cuda:
         model = model.cuda()
     gen = torch.Generator().manual_seed(0)
     # Ids >= 4 avoid the special tokens, so every position is a real target.
-    ids = torch.randint(4, model.config.vocab_size, (batch * (warmup + steps), seq_len), generator=gen)
+    total = warmup + steps + 1  # + 1 recorded step (op dtypes), after the measured ones
+    ids = torch.randint(4, model.config.vocab_size, (batch * total, seq_len), generator=gen)
     dataset = Dataset.from_dict({"input_ids": ids.tolist()})
 
     class StepTimer(TrainerCallback):
@@ -96,6 +104,10 @@ def worker(config_name, trainer_name, warmup, steps, device):
             self.times, self.cpu_times, self.base, self.peak, self.start, self.cpu_start = [], [], None, None, 0, 0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup + steps:  # the last step only records what the step runs
+                recorder.new_step()
+                recorder.__enter__()
+                return
             if state.global_step == warmup:  # first measured step: reset the high-water marks
                 if cuda:
                     torch.cuda.synchronize()
@@ -110,27 +122,32 @@ def worker(config_name, trainer_name, warmup, steps, device):
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup + steps + 1:
+                recorder.__exit__(None, None, None)
+                return
             if cuda:
                 torch.cuda.synchronize()
             if state.global_step > warmup:
                 self.times.append(time.perf_counter() - self.start)
                 self.cpu_times.append(time.process_time() - self.cpu_start)
+            if state.global_step == warmup + steps:  # the measured steps are over: their memory high-water mark
+                self.peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
 
-        def on_train_end(self, args, state, control, **kwargs):
-            self.peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
+    recorder = vocab_op_recorder(model.config.vocab_size, model.config.hidden_size)
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         common = dict(
             output_dir=out,
             per_device_train_batch_size=batch,
-            max_steps=warmup + steps,
+            max_steps=total,
             max_length=seq_len,
             learning_rate=1e-4,
             logging_steps=10_000,
             save_strategy="no",
             report_to="none",
-            bf16=cuda,  # fp32 on CPU
+            bf16=bf16,
+            use_cpu=not cuda,  # CPU bf16 = autocast, as the recipes' mixed precision
             dataloader_num_workers=0,
             disable_tqdm=True,
             seed=0,
@@ -149,7 +166,11 @@ def worker(config_name, trainer_name, warmup, steps, device):
             callbacks=[timer],
         )
         trainer.train()
+    gemms = recorder.steps[-1]["vocab_gemms"]
     return {
+        "vocab_gemms": {"/".join(dtypes): count for dtypes, count in sorted(gemms.items())},
+        "head_fp32_copies": len(recorder.steps[-1]["head_fp32_copies"]),
+        "hidden_fp32_copies": len(recorder.steps[-1]["hidden_fp32_copies"]),
         "wall_s": statistics.median(timer.times),
         "cpu_s": statistics.median(timer.cpu_times),
         "peak_mib": timer.peak / 2**20,
@@ -161,6 +182,7 @@ def run_case(config_name, trainer_name, args):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, __file__, "--worker", config_name, trainer_name, "--device", args.device]
+    cmd += ["--precision", args.precision]
     cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -176,19 +198,31 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="CPU only: fp32 weights and compute, or bf16 weights + the Trainer's bf16 mixed precision (CUDA: bf16)",
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.warmup, args.steps, args.device)))
+        print(json.dumps(worker(*args.worker, args.warmup, args.steps, args.device, args.precision)))
         return 0
 
     print(f"machine: {machine_info(args.device)}")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"{args.device}, LoRA r=16 all-linear, {args.warmup} warm-up + {args.steps} measured steps (median)\n")
+    precision = "bf16 weights + bf16 mixed precision" if args.device == "cuda" or args.precision == "bf16" else "fp32"
+    print(
+        f"{args.device}, {precision}, LoRA r=16 all-linear, {args.warmup} warm-up + {args.steps} measured steps "
+        "(median), then one recorded step (vocabulary GEMM input dtypes, fp32 copies of the head / hidden states)\n"
+    )
     key = "wall_s" if args.device == "cuda" else "cpu_s"
     print(f"| config | trainer | step {'wall' if key == 'wall_s' else 'CPU'} time (s) | / sft | wall (s) ", end="")
-    print("| peak (MiB) | / sft | growth (MiB) | / sft |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| peak (MiB) | / sft | growth (MiB) | / sft | vocab GEMMs (inputs: count) | fp32 head copies | fp32 hidden copies |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for config_name in args.configs:
         results = {}
         for trainer_name in args.trainers:
@@ -198,7 +232,7 @@ def main(argv=None):
         for trainer_name, res in results.items():
             label = f"{config_name} ({'x'.join(map(str, CONFIGS[config_name]))})"
             if "error" in res:
-                print(f"| {label} | {trainer_name} | {res['error']} | | | | | | |")
+                print(f"| {label} | {trainer_name} | {res['error']} | | | | | | | | | |")
                 continue
             cells = [f"{res[key]:.2f}", "", f"{res['wall_s']:.2f}", f"{res['peak_mib']:.0f}", ""]
             cells += [f"{res['growth_mib']:.0f}", ""]
@@ -206,6 +240,8 @@ def main(argv=None):
                 cells[1] = f"{res[key] / ref[key]:.2f}"
                 cells[4] = f"{res['peak_mib'] / ref['peak_mib']:.2f}"
                 cells[6] = f"{res['growth_mib'] / ref['growth_mib']:.2f}"
+            gemms = ", ".join(f"{dtypes}: {count}" for dtypes, count in res["vocab_gemms"].items())
+            cells += [gemms, str(res["head_fp32_copies"]), str(res["hidden_fp32_copies"])]
             print(f"| {label} | {trainer_name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

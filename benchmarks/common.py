@@ -41,3 +41,57 @@ def available_gib(device: str = "cpu") -> float:
         return torch.cuda.mem_get_info()[0] / 2**30
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+
+
+def vocab_op_recorder(vocab: int, hidden: int):
+    """A `TorchDispatchMode` that records, per step, what a training step does with vocabulary-sized tensors.
+
+    Each `new_step()` opens a record with `vocab_gemms` (a Counter of the input dtypes of every mm / addmm / bmm /
+    baddbmm that has a dimension equal to `vocab`), `head_fp32_copies` (shapes of (V, d) or (d, V) tensors copied to
+    fp32 from a lower precision) and `hidden_fp32_copies` (3-D (..., d) tensors copied to fp32 likewise). Ops outside
+    an open step are not recorded. Used by benchmarks/bench_train_step.py and tests/training/test_mixed_precision.py.
+
+    Args:
+        vocab (`int`): V, chosen so that no other dimension of the model or the batch equals it.
+        hidden (`int`): d, likewise.
+    """
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    aten = torch.ops.aten
+    gemms = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+
+    class VocabOpRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def new_step(self):
+            self.steps.append({"vocab_gemms": collections.Counter(), "head_fp32_copies": [], "hidden_fp32_copies": []})
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not self.steps:
+                return out
+            step = self.steps[-1]
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            packet = func.overloadpacket
+            if packet in gemms and any(vocab in t.shape for t in tensors):
+                step["vocab_gemms"][tuple(str(t.dtype).removeprefix("torch.") for t in tensors)] += 1
+            source = None
+            if packet is aten._to_copy and out.dtype == torch.float32 and tensors[0].dtype != torch.float32:
+                source = tensors[0]
+            elif packet is aten.copy_ and tensors[0].dtype == torch.float32 and tensors[1].dtype != torch.float32:
+                source = tensors[1]
+            if source is not None:
+                shape = tuple(source.shape)
+                if shape in ((vocab, hidden), (hidden, vocab)):
+                    step["head_fp32_copies"].append(shape)
+                elif len(shape) == 3 and shape[-1] == hidden:
+                    step["hidden_fp32_copies"].append(shape)
+            return out
+
+    return VocabOpRecorder()

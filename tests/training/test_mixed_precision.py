@@ -9,48 +9,15 @@ import collections
 
 import torch
 from tiny_models import build_tokenizer, lora, make_args
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 from trl import SFTTrainer
 
+from benchmarks.common import vocab_op_recorder  # the one recorder, shared with benchmarks/bench_train_step.py
 from emo_calibrate import EMOTrainer
 
 
-aten = torch.ops.aten
-GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 # Sizes chosen so that no other dimension of the model or of the batch equals the vocabulary or the hidden size.
 VOCAB, HIDDEN = 1024, 48
-
-
-class StepRecorder(TorchDispatchMode):
-    """What one optimizer step runs: vocabulary GEMMs with their input dtypes, and copies to fp32 of large tensors."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.steps:
-            return out
-        step = self.steps[-1]
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        packet = func.overloadpacket
-        if packet in GEMMS and any(VOCAB in t.shape for t in tensors):
-            step["vocab_gemms"][tuple(str(t.dtype).removeprefix("torch.") for t in tensors)] += 1
-        source = None
-        if packet is aten._to_copy and out.dtype == torch.float32 and tensors[0].dtype != torch.float32:
-            source = tensors[0]
-        elif packet is aten.copy_ and tensors[0].dtype == torch.float32 and tensors[1].dtype != torch.float32:
-            source = tensors[1]
-        if source is not None:
-            shape = tuple(source.shape)
-            if shape in ((VOCAB, HIDDEN), (HIDDEN, VOCAB)):
-                step["head_fp32_copies"].append(shape)
-            elif len(shape) == 3 and shape[-1] == HIDDEN:
-                step["hidden_fp32_copies"].append(shape)
-        return out
 
 
 class RecordSteps(TrainerCallback):
@@ -58,9 +25,7 @@ class RecordSteps(TrainerCallback):
         self.recorder = recorder
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.recorder.steps.append(
-            {"vocab_gemms": collections.Counter(), "head_fp32_copies": [], "hidden_fp32_copies": []}
-        )
+        self.recorder.new_step()
         self.recorder.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -83,7 +48,7 @@ def bf16_model():
 
 
 def record(trainer_cls, tmp_path, dataset):
-    recorder = StepRecorder()
+    recorder = vocab_op_recorder(VOCAB, HIDDEN)
     args = make_args(tmp_path / trainer_cls.__name__, use_cpu=True, bf16=True, max_steps=3)
     trainer = trainer_cls(
         bf16_model(), args=args, train_dataset=dataset, processing_class=build_tokenizer(), peft_config=lora(),
