@@ -133,7 +133,8 @@ def worker(config_name, trainer_name, warmup, steps, device, precision):
             if state.global_step == warmup + steps:  # the measured steps are over: their memory high-water mark
                 self.peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
 
-    recorder = vocab_op_recorder(model.config.vocab_size, model.config.hidden_size)
+    head = model.get_output_embeddings().weight
+    recorder = vocab_op_recorder(model.config.vocab_size, model.config.hidden_size, head)
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
@@ -170,6 +171,7 @@ def worker(config_name, trainer_name, warmup, steps, device, precision):
     return {
         "vocab_gemms": {"/".join(dtypes): count for dtypes, count in sorted(gemms.items())},
         "head_fp32_copies": len(recorder.steps[-1]["head_fp32_copies"]),
+        "head_fp32_mib": sum(a * b for a, b in recorder.steps[-1]["head_fp32_copies"]) * 4 / 2**20,
         "hidden_fp32_copies": len(recorder.steps[-1]["hidden_fp32_copies"]),
         "wall_s": statistics.median(timer.times),
         "cpu_s": statistics.median(timer.cpu_times),
@@ -241,7 +243,10 @@ def main(argv=None):
                 cells[4] = f"{res['peak_mib'] / ref['peak_mib']:.2f}"
                 cells[6] = f"{res['growth_mib'] / ref['growth_mib']:.2f}"
             gemms = ", ".join(f"{dtypes}: {count}" for dtypes, count in res["vocab_gemms"].items())
-            cells += [gemms, str(res["head_fp32_copies"]), str(res["hidden_fp32_copies"])]
+            head_copies = (
+                f"{res['head_fp32_copies']} ({res['head_fp32_mib']:.0f} MiB)" if res["head_fp32_copies"] else "0"
+            )
+            cells += [gemms, head_copies, str(res["hidden_fp32_copies"])]
             print(f"| {label} | {trainer_name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -43,17 +43,20 @@ def available_gib(device: str = "cpu") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
 
 
-def vocab_op_recorder(vocab: int, hidden: int):
+def vocab_op_recorder(vocab: int, hidden: int, head=None):
     """A `TorchDispatchMode` that records, per step, what a training step does with vocabulary-sized tensors.
 
     Each `new_step()` opens a record with `vocab_gemms` (a Counter of the input dtypes of every mm / addmm / bmm /
-    baddbmm that has a dimension equal to `vocab`), `head_fp32_copies` (shapes of (V, d) or (d, V) tensors copied to
-    fp32 from a lower precision) and `hidden_fp32_copies` (3-D (..., d) tensors copied to fp32 likewise). Ops outside
-    an open step are not recorded. Used by benchmarks/bench_train_step.py and tests/training/test_mixed_precision.py.
+    baddbmm that has a dimension equal to `vocab` or reads the head's storage, e.g. a vocabulary tile of it),
+    `head_fp32_copies` (shapes of the (V, d) head, its transpose or its tiles copied to fp32 from a lower precision)
+    and `hidden_fp32_copies` (3-D (..., d) tensors copied to fp32 likewise). Ops outside an open step are not
+    recorded. Used by benchmarks/bench_train_step.py and tests/training/test_mixed_precision.py.
 
     Args:
         vocab (`int`): V, chosen so that no other dimension of the model or the batch equals it.
         hidden (`int`): d, likewise.
+        head (`torch.Tensor`, *optional*): the (V, d) output-embedding weight, to recognise its views and tiles
+            (TRL's fused head projects vocabulary tiles, none of which has V rows).
     """
     import collections
 
@@ -63,6 +66,10 @@ def vocab_op_recorder(vocab: int, hidden: int):
 
     aten = torch.ops.aten
     gemms = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+    head_storage = None if head is None else head.untyped_storage().data_ptr()
+
+    def of_head(t):
+        return head_storage is not None and t.untyped_storage().data_ptr() == head_storage
 
     class VocabOpRecorder(TorchDispatchMode):
         def __init__(self):
@@ -79,7 +86,7 @@ def vocab_op_recorder(vocab: int, hidden: int):
             step = self.steps[-1]
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             packet = func.overloadpacket
-            if packet in gemms and any(vocab in t.shape for t in tensors):
+            if packet in gemms and any(vocab in t.shape or of_head(t) for t in tensors):
                 step["vocab_gemms"][tuple(str(t.dtype).removeprefix("torch.") for t in tensors)] += 1
             source = None
             if packet is aten._to_copy and out.dtype == torch.float32 and tensors[0].dtype != torch.float32:
@@ -88,7 +95,7 @@ def vocab_op_recorder(vocab: int, hidden: int):
                 source = tensors[1]
             if source is not None:
                 shape = tuple(source.shape)
-                if shape in ((vocab, hidden), (hidden, vocab)):
+                if shape in ((vocab, hidden), (hidden, vocab)) or of_head(source):
                     step["head_fp32_copies"].append(shape)
                 elif len(shape) == 3 and shape[-1] == hidden:
                     step["hidden_fp32_copies"].append(shape)
