@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from trl import ModelConfig, TrlParser
 
 from emo_calibrate import EMOConfig, EMOTrainer
+from emo_calibrate.training import output_space
 from emo_calibrate.training import validation as v
 
 
@@ -252,14 +253,14 @@ def test_output_dir_not_writable(tmp_path, tiny_llama_dir, tiny_dataset, no_mode
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(v.tempfile, "mkstemp", denied)  # the tests run as root, which chmod cannot stop
+    monkeypatch.setattr(output_space.tempfile, "mkstemp", denied)  # the tests run as root, which chmod cannot stop
     with pytest.raises(ValueError, match="is not writable \\(Permission denied"):
         EMOTrainer(tiny_llama_dir, args=make_args(tmp_path), train_dataset=tiny_dataset)
 
 
 def test_not_enough_disk_space(tmp_path, tiny_llama_dir, tiny_dataset, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(v.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(output_space.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     args = make_args(tmp_path, save_strategy="steps", save_steps=1, save_total_limit=2)
     with pytest.raises(ValueError, match="GiB free, but this run needs about .* up to 3 checkpoints"):
         EMOTrainer(tiny_llama_dir, args=args, train_dataset=tiny_dataset, peft_config=lora())
