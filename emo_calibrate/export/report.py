@@ -125,8 +125,10 @@ every position's next-token distribution on fixed prompts, with the merged model
 ## EMO training settings
 
 {% for key, value in report.emo_settings.items() %}- `{{ key }}`: {{ value }}
-{% else %}Unknown: the adapter folder has no emo_training.json (written by `EMOTrainer.save_model`), so the EMO \
-settings, the precision and the base the adapter was trained on are not recorded.
+{% else %}{% if report.training_record %}Unknown: the adapter's emo_training.json records no EMO settings (it was \
+saved without the training arguments).{% else %}Unknown: the adapter folder has no emo_training.json (written by \
+`EMOTrainer.save_model`), so the EMO settings, the precision and the base the adapter was trained on are not recorded.\
+{% endif %}
 {% endfor %}"""
 
 

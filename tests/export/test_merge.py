@@ -154,6 +154,13 @@ def test_the_summary_and_the_card_state_the_same_facts(merged_dirs):
             assert f"{label}: {text}".replace("`", "").replace("**", "") in summary
 
 
+def test_a_record_without_emo_settings_is_not_called_missing(merged_dirs):
+    """The adapter's record was written without training arguments: the card must not say the record is absent."""
+    card = (merged_dirs["original", "float32"][0] / "README.md").read_text()
+    assert "has no emo_training.json" not in card
+    assert "Unknown: the adapter's emo_training.json records no EMO settings" in card
+
+
 def test_reload_from_disk_is_identical_to_the_in_memory_merge(merged_dirs, tiny_llama_dir, qlora_adapter):
     in_memory = _with_adapter(_load(tiny_llama_dir), qlora_adapter).merge_and_unload(safe_merge=True)
     reloaded = _load(merged_dirs["original", "float32"][0])
