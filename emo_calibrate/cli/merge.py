@@ -71,12 +71,9 @@ def make_parser():
 
 
 def run(argv: list[str] | None = None) -> int:
-    import logging
-
     from emo_calibrate.export.merge import ParityError, merge_adapter
 
     (args,) = make_parser().parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     kwargs = vars(args).copy()
     kwargs["check_parity"] = not kwargs.pop("skip_parity_check")
     try:

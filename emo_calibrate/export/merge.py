@@ -8,7 +8,6 @@ lossy). The dequantisation is transformers' `model.dequantize()`, the merge PEFT
 
 import gc
 import json
-import logging
 import os
 import shutil
 import time
@@ -22,8 +21,6 @@ from .report import MergeReport, model_card
 
 
 __all__ = ["MergeReport", "ParityError", "merge_adapter"]
-
-logger = logging.getLogger(__name__)
 
 
 class ParityError(RuntimeError):
@@ -117,7 +114,6 @@ def merge_adapter(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("merged %s into %s\n%s", report.adapter_path, report.output_dir, report.summary())
     return report
 
 

@@ -1,6 +1,6 @@
 """`MergeReport`: one merge from its inputs (resolved by plan.py) to its results (filled in by merge.py).
 
-`facts()` is the one source of what is said about a merge: `summary()` prints it as text (the log, the CLI), the
+`facts()` is the one source of what is said about a merge: `summary()` prints it as text (`emo-calibrate merge`), the
 model card (`README.md`, a `huggingface_hub.ModelCard`) as a table; `to_dict()` is `merge_report.json`.
 """
 

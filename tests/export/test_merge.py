@@ -403,13 +403,18 @@ def test_cli_help(capsys):
         assert option in help_text
 
 
-def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys):
+def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys, caplog):
+    import logging
+
     from emo_calibrate.cli.main import main
+
+    caplog.set_level(logging.INFO)
 
     config = tmp_path / "merge.yaml"
     config.write_text(f"adapter_path: {qlora_adapter}\noutput_dir: {tmp_path / 'out'}\ndtype: bfloat16\n")
     assert main(["merge", "--config", str(config), "--dtype", "float32"]) == 0  # the command line wins
     assert "PASSED" in capsys.readouterr().out
+    assert not any("PASSED" in record.getMessage() for record in caplog.records)  # printed once, not logged again
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
     argv = ["merge", "--adapter_path", qlora_adapter, "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 2
