@@ -72,16 +72,17 @@ def train_adapter(base: str, adapter_dir: str, args, seed: int = 0) -> float:
 def context_figures(adapter_dir: str) -> None:
     """How strong the adapter is and how lossy 4-bit is here: the scale against which the parity figures read."""
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from emo_calibrate.export.merge import _load_base
     from emo_calibrate.export.parity import compare_logits, prompt_logits
     from emo_calibrate.export.plan import make_merge_plan
     from emo_calibrate.utils.quantization import disable_cpu_4bit_repacking
 
-    plan = make_merge_plan(adapter_dir, adapter_dir + "-unused", dtype="float32")
-    tokenizer = plan.load_tokenizer()
-    original = prompt_logits(_load_base(plan, quantized=False), tokenizer)
-    base4 = _load_base(plan, quantized=True)
+    plan = make_merge_plan(adapter_dir, adapter_dir + "-unused", None, None, "float32", None, False, {})
+    tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_source)
+    original = prompt_logits(_load_base(plan, "float32"), tokenizer)
+    base4 = _load_base(plan, plan.trained_dtype, quantized=True)
     quantized = prompt_logits(base4, tokenizer)
     adapted = PeftModel.from_pretrained(base4, adapter_dir)
     disable_cpu_4bit_repacking(adapted)

@@ -11,6 +11,7 @@
 
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 __all__ = ["MergeArguments", "make_parser", "run"]
@@ -18,73 +19,47 @@ __all__ = ["MergeArguments", "make_parser", "run"]
 
 @dataclass
 class MergeArguments:
-    """Arguments of `emo-calibrate merge` (see `emo_calibrate.merge_adapter` for the full story)."""
+    """Arguments of `emo-calibrate merge`: those of `emo_calibrate.merge_adapter`, whose docstring tells more."""
 
     adapter_path: str = field(
-        metadata={"help": "Adapter folder written by `emo-calibrate train` / `save_pretrained` (adapter_config.json)."}
+        metadata={"help": "Adapter folder (adapter_config.json), e.g. from emo-calibrate train."}
     )
-    output_dir: str = field(
-        metadata={"help": "Folder for the merged model. Refused if it exists and is not empty, unless --overwrite."}
-    )
+    output_dir: str = field(metadata={"help": "Folder for the merged model; must be empty unless --overwrite."})
     model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Base model (folder or id). Default: `base_model_name_or_path` of the adapter's config."},
+        default=None, metadata={"help": "Base model (folder or id). Default: the adapter's base_model_name_or_path."}
     )
-    merge_base: str | None = field(
-        default=None,
-        metadata={
-            "help": "`original`: merge into the unquantised checkpoint (W + BA). `dequantized`: rebuild the base in "
-            "4-bit as in training, check its codes against the adapter's record, dequantise, merge (deq(W_4bit) + "
-            "BA). Default: the base the adapter was trained on, from its record (emo_training.json); `original` "
-            "without a record.",
-            "choices": ["dequantized", "original"],
-        },
-    )
-    dtype: str = field(
-        default="bfloat16",
-        metadata={"help": "Dtype of the merged weights.", "choices": ["bfloat16", "float16", "float32"]},
-    )
-    device: str | None = field(
+    merge_base: Literal["dequantized", "original"] | None = field(
         default=None,
         metadata={
-            "help": "Device the merge runs on. Default: where the adapter's record says its 4-bit base was quantised "
-            "(when available here), else cpu.",
-            "choices": ["cpu", "cuda"],
+            "help": "original: the unquantised checkpoint (W + BA). dequantized: the 4-bit base rebuilt as in "
+            "training, its codes checked, dequantised (deq(W_4bit) + BA). Default: the base the adapter was trained "
+            "on, from its record (emo_training.json); original without a record."
         },
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16", metadata={"help": "Dtype of the merged weights."}
+    )
+    device: Literal["cpu", "cuda"] | None = field(
+        default=None, metadata={"help": "Default: where the record says the 4-bit base was quantised, else cpu."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
     skip_parity_check: bool = field(
-        default=False,
-        metadata={
-            "help": "Do not compare the merged model with the adapter model before writing it. Not recommended: "
-            "the check is what proves the merged model is the one you trained."
-        },
+        default=False, metadata={"help": "Do not prove that the merged model is the adapter model (not advised)."}
     )
     allow_code_mismatch: bool = field(
-        default=False,
-        metadata={
-            "help": "Merge even if the rebuilt 4-bit codes differ from the adapter's record (the base is then not "
-            "the one trained on); the card and report record the difference. Without it such a merge stops (exit 2)."
-        },
+        default=False, metadata={"help": "Merge even if the rebuilt 4-bit codes differ from the adapter's record."}
     )
     parity_max_abs_logit_diff: float | None = field(
-        default=None,
-        metadata={"help": "Parity tolerance on the max absolute logit difference; None: the dtype's (docs/merge.md)."},
+        default=None, metadata={"help": "Parity bound on the max abs logit difference. Default: the dtype's."}
     )
     parity_mean_kl: float | None = field(
-        default=None,
-        metadata={"help": "Parity tolerance on the mean KL of next-token distributions (nats); None: the dtype's."},
+        default=None, metadata={"help": "Parity bound on the mean KL (nats). Default: the dtype's."}
     )
-    bnb_4bit_quant_type: str | None = field(
-        default=None,
-        metadata={
-            "help": "Override the 4-bit type of the rebuilt base. None: the adapter's record, else nf4.",
-            "choices": ["nf4", "fp4"],
-        },
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] | None = field(
+        default=None, metadata={"help": "Override the 4-bit type of the rebuilt base. Default: the record's, or nf4."}
     )
     bnb_4bit_use_double_quant: bool | None = field(
-        default=None,
-        metadata={"help": "Override double quantisation of the rebuilt base. None: the adapter's record, else true."},
+        default=None, metadata={"help": "Override double quantisation of the rebuilt base. Default: the record's."}
     )
     max_shard_size: str = field(default="5GB", metadata={"help": "Maximum size of one safetensors shard."})
 
@@ -96,12 +71,9 @@ def make_parser():
 
 
 def run(argv: list[str] | None = None) -> int:
-    import logging
-
     from emo_calibrate.export.merge import ParityError, merge_adapter
 
     (args,) = make_parser().parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     kwargs = vars(args).copy()
     kwargs["check_parity"] = not kwargs.pop("skip_parity_check")
     try:

@@ -1,115 +1,26 @@
 """Merge a (Q)LoRA adapter into the base it was trained on: one plain model folder, verified, written atomically.
 
-The output loads with `AutoModelForCausalLM.from_pretrained`, vLLM, TGI or llama.cpp's converter: safetensors shards,
-a config without `quantization_config`, the generation config, the tokenizer, a model card (`README.md`) and the
-machine-readable `merge_report.json`. No PEFT and no bitsandbytes are needed to load it.
-
-Two merge bases; by default the one training used, read from the adapter's record (`records.py`, docs/merge.md):
-
-- `"original"`: the unquantised checkpoint; the merged model computes `W + s·BA`. The default for an adapter trained
-  on an unquantised base (then it is the model as trained), and for an adapter without a record.
-- `"dequantized"`: the base re-quantised exactly as in training (settings, load dtype, device), its 4-bit codes
-  checked against the record, then dequantised; the merged model computes `deq(W_nf4) + s·BA`, the function a QLoRA
-  adapter was trained with. The default for an adapter trained on a 4-bit base.
-
-Nothing is ever merged into a quantised model (PEFT would re-quantise `W + s·BA`, which is lossy). The merge itself is
-PEFT's `merge_and_unload(safe_merge=True)`, the dequantisation transformers' `model.dequantize()`.
+The base is the one training used (plan.py): the unquantised checkpoint (`"original"`, `W + s·BA`), or the 4-bit base
+rebuilt exactly as in training, its codes checked against the adapter's record, then dequantised (`"dequantized"`,
+`deq(W_nf4) + s·BA`). Nothing is ever merged into a quantised model (PEFT would re-quantise `W + s·BA`, which is
+lossy). The dequantisation is transformers' `model.dequantize()`, the merge PEFT's `merge_and_unload(safe_merge=True)`.
 """
 
 import gc
 import json
-import logging
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 
-from ..utils.quantization import disable_cpu_4bit_repacking, is_quantized
-from .parity import PARITY_PROMPTS, ParityResult, compare_logits, prompt_logits
-from .plan import MergePlan, make_merge_plan
-from .records import check_codes, describe_code_check
+from ..utils.quantization import disable_cpu_4bit_repacking
+from .parity import PARITY_PROMPTS, PARITY_TOLERANCES, compare_logits, prompt_logits
+from .plan import make_merge_plan
+from .records import check_codes, code_mismatch_message
+from .report import MergeReport, model_card
 
 
 __all__ = ["MergeReport", "ParityError", "merge_adapter"]
-
-logger = logging.getLogger(__name__)
-
-REPORT_NAME = "merge_report.json"
-
-
-@dataclass
-class MergeReport:
-    """What `merge_adapter` did, and how faithful the result is.
-
-    Attributes:
-        output_dir (`str`) / adapter_path (`str`) / base_model (`str`): the merged model folder and the inputs.
-        merge_base (`str`): `"dequantized"` or `"original"`; `merge_base_reason` says why (default rule or request).
-        trained_base (`str`): what the adapter was trained on: `"4-bit"`, `"unquantised"`, `"unknown"`, ...
-        dtype (`str`) / device (`str`): dtype of the merged weights; device the merge ran on.
-        quantization (`dict | None`): the 4-bit settings of the rebuilt base; `quantization_source` says where they
-            came from (adapter record, base checkpoint, assumed).
-        code_check (`dict | None`): the rebuilt 4-bit codes against the record (`records.check_codes`).
-        vocab_size (`int`) / resized_embeddings (`bool`): rows of the merged embedding; whether they were resized to
-            the adapter's saved embeddings.
-        emo_settings (`dict`): EMO settings and run facts of the adapter's record (empty when it has none).
-        parity (`ParityResult | None`): merged model (reloaded from disk) vs the unmerged adapter model on the same
-            merge base and dtype. This is the gated check. None when skipped.
-        parity_vs_trained (`ParityResult | None`): merged model vs the adapter on the base as trained (4-bit with
-            float32 compute, or the unquantised base in its training dtype). Reported, not gated; None when unknown.
-        tolerance (`dict`) / seconds (`dict`): the bounds `parity` had to meet; wall time per phase.
-    """
-
-    output_dir: str
-    adapter_path: str
-    base_model: str
-    merge_base: str
-    merge_base_reason: str
-    trained_base: str
-    dtype: str
-    device: str
-    quantization: dict | None
-    quantization_source: str
-    code_check: dict | None
-    vocab_size: int
-    resized_embeddings: bool
-    emo_settings: dict = field(default_factory=dict)
-    parity: ParityResult | None = None
-    parity_vs_trained: ParityResult | None = None
-    tolerance: dict = field(default_factory=dict)
-    seconds: dict = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return self.parity is None or self.parity.within(**self.tolerance)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        lines = [
-            f"merge_base={self.merge_base} ({self.merge_base_reason}) dtype={self.dtype} device={self.device} "
-            f"base={self.base_model} trained on: {self.trained_base} base"
-        ]
-        if self.code_check is not None:
-            lines.append(f"4-bit codes vs the adapter record: {describe_code_check(self.code_check)}")
-        if self.parity is None:
-            lines.append("parity check: SKIPPED")
-        else:
-            p, t = self.parity, self.tolerance
-            lines.append(
-                f"parity vs unmerged adapter ({self.merge_base} base): max|dlogit|={p.max_abs_logit_diff:.3g} "
-                f"mean KL={p.mean_kl:.3g} (tolerance {t['max_abs_logit_diff']:.3g} / {t['mean_kl']:.3g}) over "
-                f"{p.num_positions} positions: " + ("PASSED" if self.passed else "FAILED")
-            )
-        if self.parity_vs_trained is not None:
-            t = self.parity_vs_trained
-            lines.append(
-                f"vs the model as trained ({self.trained_base} base): max|dlogit|={t.max_abs_logit_diff:.3g} "
-                f"mean KL={t.mean_kl:.3g}"
-            )
-        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
-        return "\n".join(lines)
 
 
 class ParityError(RuntimeError):
@@ -140,6 +51,9 @@ def merge_adapter(
 ) -> MergeReport:
     """Merge a LoRA adapter into its base model and write a plain model folder, atomically and verified.
 
+    The folder (safetensors shards, config without `quantization_config`, generation config, tokenizer, model card
+    `README.md`, `merge_report.json`) loads without PEFT or bitsandbytes.
+
     Args:
         adapter_path (`str`): folder written by `EMOTrainer.save_model` / `save_pretrained` (adapter_config.json,
             adapter weights, usually a tokenizer and the training record `emo_training.json`).
@@ -148,175 +62,135 @@ def merge_adapter(
         merge_base (`str`, *optional*): `"original"` (the unquantised checkpoint) or `"dequantized"` (the 4-bit base
             as trained, dequantised). Default: the base training used, from the adapter's record; `"original"`
             without a record.
-        dtype (`str`, *optional*, defaults to `"bfloat16"`): dtype of the merged weights (`bfloat16`, `float16`,
-            `float32`).
-        device (`str`, *optional*): `"cpu"` or `"cuda"`. Default: the device the record says the 4-bit base was
-            quantised on, when it is available here; else `"cpu"`.
+        dtype (`str`, *optional*, defaults to `"bfloat16"`): of the merged weights: `bfloat16`, `float16`, `float32`.
+        device (`str`, *optional*): `"cpu"` or `"cuda"`. Default: where the record says the 4-bit base was quantised,
+            when available here; else `"cpu"`.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
         check_parity (`bool`, *optional*, defaults to `True`): compare merged and unmerged models on fixed prompts
             and refuse to write when they disagree beyond the tolerance. Only skip it knowingly.
         allow_code_mismatch (`bool`, *optional*, defaults to `False`): merge even when the rebuilt 4-bit codes differ
-            from the adapter's record (they are then not the base the adapter was trained on); the report and card
-            record the difference.
+            from the adapter's record; the report and card record the difference.
         parity_max_abs_logit_diff / parity_mean_kl (`float`, *optional*): override the dtype's tolerance
             (`parity.PARITY_TOLERANCES`).
         parity_prompts (`tuple[str]`, *optional*): prompts of the check.
-        bnb_4bit_quant_type / bnb_4bit_use_double_quant (*optional*): override the recorded (or assumed) 4-bit
-            settings.
+        bnb_4bit_quant_type / bnb_4bit_use_double_quant (*optional*): override the recorded (or assumed) settings.
         max_shard_size (`str`, *optional*, defaults to `"5GB"`): safetensors shard size.
 
     Returns:
         [`MergeReport`]: settings, parity figures and timings (also written to `output_dir/merge_report.json`).
 
     Raises:
-        `ValueError`: bad input (missing adapter, existing output, vocabulary mismatch, quantised base checkpoint,
-            a 4-bit rebuild asked for an adapter trained unquantised, ...), raised before any model is loaded; and
-            4-bit codes that differ from the record, raised before merging. Nothing is written.
+        `ValueError`: bad input (the refusals of docs/merge.md), before any model is loaded; 4-bit codes that differ
+            from the record, before merging. Nothing is written.
         [`ParityError`]: the merged model disagrees with the adapter model; nothing is written.
     """
     start = time.perf_counter()
-    plan = make_merge_plan(
-        adapter_path,
-        output_dir,
-        model_name_or_path=model_name_or_path,
-        merge_base=merge_base,
-        dtype=dtype,
-        device=device,
-        overwrite=overwrite,
-        bnb_4bit_quant_type=bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+    overrides = {"bnb_4bit_quant_type": bnb_4bit_quant_type, "bnb_4bit_use_double_quant": bnb_4bit_use_double_quant}
+    report = make_merge_plan(
+        adapter_path, output_dir, model_name_or_path, merge_base, dtype, device, overwrite, overrides
     )
-    tolerance = plan.tolerance(parity_max_abs_logit_diff, parity_mean_kl)
-    parent, name = os.path.split(plan.output_dir)
+    given = {"max_abs_logit_diff": parity_max_abs_logit_diff, "mean_kl": parity_mean_kl}
+    report.tolerance = {**PARITY_TOLERANCES[report.dtype], **{k: float(v) for k, v in given.items() if v is not None}}
+    parent, name = os.path.split(report.output_dir)
     os.makedirs(parent, exist_ok=True)
     # Not mkdtemp: its folders are private (0o700); a model folder is read by servers, like any checkpoint.
     tmp = os.path.join(parent, f".{name}.merging-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
-        report = _merge_into(plan, tmp, check_parity, allow_code_mismatch, tolerance, parity_prompts, max_shard_size)
+        _merge_into(report, tmp, check_parity, allow_code_mismatch, parity_prompts, max_shard_size)
         report.seconds["total"] = time.perf_counter() - start
         if not report.passed:
             raise ParityError(
-                f"parity check failed, nothing written to {plan.output_dir}:\n{report.summary()}\n"
+                f"parity check failed, nothing written to {report.output_dir}:\n{report.summary()}\n"
                 "The merged model does not reproduce the adapter model. Check the base model and the adapter, or "
                 "merge in float32 to rule out rounding.",
                 report,
             )
-        _write_card_and_report(tmp, report)
+        with open(os.path.join(tmp, "merge_report.json"), "w") as f:
+            json.dump(report.to_dict(), f, indent=2, default=str)
+        model_card(report).save(os.path.join(tmp, "README.md"))
         _make_readable(tmp)
-        _replace_dir(tmp, plan.output_dir)
+        _replace_dir(tmp, report.output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("merged %s into %s\n%s", plan.adapter_path, plan.output_dir, report.summary())
     return report
 
 
-def _merge_into(plan: MergePlan, tmp, check_parity, allow_code_mismatch, tolerance, prompts, max_shard_size):
+def _merge_into(report: MergeReport, folder, check_parity, allow_code_mismatch, prompts, max_shard_size) -> None:
+    """Load the base, check its codes, merge, save into `folder` and check parity, filling in `report`."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    seconds, trained_logits, code_check = {}, None, None
-    tokenizer = plan.load_tokenizer()
+    seconds, trained_logits, dtype = report.seconds, None, getattr(torch, report.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(report.tokenizer_source)
     t = time.perf_counter()
     # First the base exactly as trained: the reference of the function the adapter learnt, and the codes to check.
     base = None
-    if plan.trained == "4-bit" and (plan.merge_base == "dequantized" or check_parity):
-        base = _load_base(plan, quantized=True)
-        code_check = check_codes(base, plan.quantization)
-        if code_check["status"] == "mismatch" and plan.merge_base == "dequantized" and not allow_code_mismatch:
-            raise ValueError(_code_mismatch_message(plan, code_check))
-    elif plan.trained == "unquantised":
-        base = _load_base(plan, quantized=False, dtype=plan.trained_dtype)
+    if report.trained_base == "4-bit" and (report.merge_base == "dequantized" or check_parity):
+        base = _load_base(report, report.trained_dtype, quantized=True)
+        report.code_check = check_codes(base, (report.training_record or {}).get("quantization"))
+        stops = report.merge_base == "dequantized" and not allow_code_mismatch  # original: reported only
+        if stops and report.code_check["status"] == "mismatch":
+            raise ValueError(code_mismatch_message(report.code_check, report.base_model, report.adapter_path))
+    elif report.trained_base == "unquantised":
+        base = _load_base(report, report.trained_dtype)
     if base is not None and check_parity:
-        adapter_model = _attach_adapter(base, plan)
+        adapter_model = _attach_adapter(base, report)
         trained_logits = prompt_logits(adapter_model, tokenizer, prompts)
         base = adapter_model.unload()  # the base again, LoRA layers removed, nothing merged
-        del adapter_model
-    if plan.merge_base == "dequantized":
-        base = base.dequantize(dtype=plan.torch_dtype)
+    if report.merge_base == "dequantized":
+        base = base.dequantize(dtype=dtype).to(dtype)  # .to: embeddings and norms kept the 4-bit load dtype
         base.is_loaded_in_4bit = False  # transformers leaves it True after dequantize()
-        base.to(plan.torch_dtype)  # unquantised modules (embeddings, norms) were loaded in the 4-bit load dtype
-    elif plan.trained == "unquantised":
-        base.to(plan.torch_dtype)  # the very weights trained on, cast as from_pretrained(dtype=...) would
+    elif report.trained_base == "unquantised":
+        base.to(dtype)  # the very weights trained on, cast as from_pretrained(dtype=...) would
     else:
         del base
         gc.collect()
-        base = _load_base(plan, quantized=False)
+        base = _load_base(report, report.dtype)
     seconds["load"] = time.perf_counter() - t
 
-    if is_quantized(base):  # the contract of this module; should be unreachable
-        raise RuntimeError("refusing to merge into a quantised model: PEFT would re-quantise the merged weights")
     t = time.perf_counter()
-    adapter_model = _attach_adapter(base, plan)
+    adapter_model = _attach_adapter(base, report)
     reference_logits = prompt_logits(adapter_model, tokenizer, prompts) if check_parity else None
-    merged = _merge_and_unload(adapter_model)
+    merged = adapter_model.merge_and_unload(safe_merge=True, progressbar=True)  # safe_merge: checks for NaNs
     seconds["merge"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    vocab_size = merged.get_input_embeddings().weight.shape[0]
+    merged.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(folder)
+    report.vocab_size = merged.get_input_embeddings().weight.shape[0]
     del merged, adapter_model, base
     gc.collect()
     seconds["save"] = time.perf_counter() - t
 
-    parity = parity_vs_trained = None
     if check_parity:
         t = time.perf_counter()
         # Check what is on disk, not the object in memory: this also catches saving bugs (ties, dtypes, shards).
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=plan.torch_dtype, device_map={"": plan.device})
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": report.device})
         candidate = prompt_logits(reloaded, tokenizer, prompts)
         del reloaded
-        if plan.device == "cuda":
-            torch.cuda.empty_cache()
-        parity = compare_logits(reference_logits, candidate)
-        parity_vs_trained = compare_logits(trained_logits, candidate) if trained_logits is not None else None
+        report.parity = compare_logits(reference_logits, candidate)
+        if trained_logits is not None:
+            report.parity_vs_trained = compare_logits(trained_logits, candidate)
         seconds["parity"] = time.perf_counter() - t
-    return MergeReport(
-        output_dir=plan.output_dir,
-        adapter_path=plan.adapter_path,
-        base_model=plan.base_model,
-        merge_base=plan.merge_base,
-        merge_base_reason=plan.merge_base_reason,
-        trained_base=plan.trained,
-        dtype=plan.dtype,
-        device=plan.device,
-        quantization=plan.quantization_dict(),
-        quantization_source=plan.quantization_source,
-        code_check=code_check,
-        vocab_size=vocab_size,
-        resized_embeddings=plan.resize_embeddings_to is not None,
-        emo_settings=plan.emo_settings,
-        parity=parity,
-        parity_vs_trained=parity_vs_trained,
-        tolerance=tolerance,
-        seconds=seconds,
-    )
 
 
-def _load_base(plan: MergePlan, *, quantized: bool, dtype: str | None = None):
-    """The base model: unquantised in `dtype` (default: the merge dtype), or 4-bit exactly as in training.
-
-    The 4-bit model keeps the training's quantisation (settings and load dtype decide the 4-bit codes) but computes in
-    float32 with its unquantised parameters upcast (exact), so that it serves as a clean reference of the trained
-    function: comparisons against it then show the merged model's error, not bf16 noise of the reference.
-    """
-    import copy
-
+def _load_base(report: MergeReport, dtype: str, quantized: bool = False):
+    """The base model, loaded in `dtype`: unquantised, or (`quantized`) in 4-bit exactly as in training (the same
+    codes) but computing in float32, unquantised parameters upcast (exact): a reference of the trained function whose
+    comparisons show the merged model's error, not bf16 noise of the reference."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"device_map": {"": plan.device}, "dtype": getattr(torch, dtype or plan.dtype)}
-    if quantized:
-        kwargs["dtype"] = getattr(torch, plan.trained_dtype)
-        if plan.quantization_config is not None:  # None: the checkpoint is itself saved in 4-bit
-            kwargs["quantization_config"] = copy.deepcopy(plan.quantization_config)
-            kwargs["quantization_config"].bnb_4bit_compute_dtype = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(plan.base_model, **kwargs)
-    if plan.resize_embeddings_to is not None:
+    kwargs = {"device_map": {"": report.device}, "dtype": getattr(torch, dtype)}
+    if quantized and report.quantization is not None:  # None: the checkpoint is itself saved in 4-bit
+        settings = {**report.quantization, "bnb_4bit_compute_dtype": "float32"}
+        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(settings)
+    model = AutoModelForCausalLM.from_pretrained(report.base_model, **kwargs)
+    if report.resize_embeddings_to is not None:
         # The adapter saved embeddings of this size; PEFT copies them in when the adapter is attached.
-        model.resize_token_embeddings(plan.resize_embeddings_to, mean_resizing=False)
+        model.resize_token_embeddings(report.resize_embeddings_to, mean_resizing=False)
     if quantized:
         for param in model.parameters():
             if param.is_floating_point() and type(param).__name__ != "Params4bit":
@@ -325,51 +199,20 @@ def _load_base(plan: MergePlan, *, quantized: bool, dtype: str | None = None):
     return model
 
 
-def _attach_adapter(model, plan: MergePlan):
+def _attach_adapter(model, report: MergeReport):
     from peft import PeftModel
 
-    adapter_model = PeftModel.from_pretrained(model, plan.adapter_path)
+    adapter_model = PeftModel.from_pretrained(model, report.adapter_path)
     disable_cpu_4bit_repacking(adapter_model)  # from_pretrained returns eval mode: the next forward would repack
     return adapter_model
 
 
-def _merge_and_unload(adapter_model):
-    """PEFT's merge with its NaN check; a separate function so tests can simulate a corrupted merge."""
-    return adapter_model.merge_and_unload(safe_merge=True, progressbar=True)
-
-
-def _code_mismatch_message(plan: MergePlan, check: dict) -> str:
-    recorded, here = check["recorded"], check["merge"]
-    fixes = []
-    if recorded["device"] and recorded["device"] != here["device"]:
-        fixes.append(f"merge where training quantised, with --device {recorded['device']}")
-    if recorded["bitsandbytes"] and recorded["bitsandbytes"] != here["bitsandbytes"]:
-        fixes.append(f"install bitsandbytes=={recorded['bitsandbytes']}")
-    if not fixes:
-        fixes.append("pass the checkpoint the adapter was trained on as --model_name_or_path")
-    return (
-        f"the 4-bit base rebuilt from {plan.base_model!r} is not the one the adapter {plan.adapter_path!r} was trained "
-        f"on: {describe_code_check(check)}. To merge into the trained base: {'; '.join(fixes)}. Or pass "
-        "allow_code_mismatch=True (--allow_code_mismatch) to merge anyway; the card and report then record the "
-        "difference. Nothing was written."
-    )
-
-
-def _write_card_and_report(folder: str, report: MergeReport) -> None:
-    from .card import model_card
-
-    with open(os.path.join(folder, REPORT_NAME), "w") as f:
-        json.dump(report.to_dict(), f, indent=2, default=str)
-    model_card(report).save(os.path.join(folder, "README.md"))
-
-
 def _make_readable(folder: str) -> None:
-    """Some writers (the safetensors shards) create private files; a model folder is read by servers."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give every file the mode of `config.json`: the safetensors shards are written private (0o600)."""
+    mode = os.stat(os.path.join(folder, "config.json")).st_mode & 0o777
     for name in os.listdir(folder):
         if os.path.isfile(path := os.path.join(folder, name)):
-            os.chmod(path, 0o666 & ~umask)
+            os.chmod(path, mode)
 
 
 def _replace_dir(tmp: str, output_dir: str) -> None:

@@ -3,7 +3,7 @@
 Used by `merge_adapter` to prove that the merged model computes the same function as the adapter model it came from.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 __all__ = ["PARITY_PROMPTS", "PARITY_TOLERANCES", "ParityResult", "compare_logits", "prompt_logits"]
@@ -16,16 +16,13 @@ PARITY_PROMPTS = (
     "She had a new song on the album, and the team played it at every game that year.",
 )
 
-# Tolerances of merged vs unmerged adapter model, per dtype: (max |Δlogit|, mean KL in nats).
-# Merging changes rounding only: W + s·BA is rounded once to the dtype instead of computing W·x and s·B(A·x)
-# separately, so the bound is the dtype's own inference noise. Measured on SmolLM2-135M (docs/merge.md): float32
-# 1.1e-4 / 1.4e-11, float16 0.52 / 7.2e-5, bfloat16 1.9-2.5 / 3.5e-3-7.7e-3 (bf16 vs fp32 inference of the same
-# weights alone: 1.8-2.9 / 1.5e-3-6e-3). A wrong merge (wrong base, garbage weights) lands far above; in bf16 and
-# fp16 a weak adapter dropped entirely may not, so merge in float32 when in doubt (see docs/merge.md).
+# Tolerances of merged vs unmerged adapter model, per dtype (mean KL in nats). Merging changes rounding only (W + s·BA
+# is rounded once), so the bound is the dtype's own inference noise: above every figure measured on SmolLM2-135M,
+# over-trained adapter included, and far below a wrong base or garbage weights (docs/merge.md).
 PARITY_TOLERANCES = {
-    "float32": (1e-2, 1e-6),
-    "float16": (2.0, 5e-3),
-    "bfloat16": (5.0, 3e-2),
+    "float32": {"max_abs_logit_diff": 1e-2, "mean_kl": 1e-6},
+    "float16": {"max_abs_logit_diff": 2.0, "mean_kl": 5e-3},
+    "bfloat16": {"max_abs_logit_diff": 5.0, "mean_kl": 3e-2},
 }
 
 
@@ -45,37 +42,31 @@ class ParityResult:
     max_kl: float
     num_positions: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def within(self, max_abs_logit_diff: float, mean_kl: float) -> bool:
         return self.max_abs_logit_diff <= max_abs_logit_diff and self.mean_kl <= mean_kl
 
 
 def prompt_logits(model, tokenizer, prompts=PARITY_PROMPTS, max_length: int = 64) -> list:
-    """Run `model` on each prompt separately (no padding) and return its logits on CPU in float32.
+    """Run `model` in eval mode on each prompt separately (no padding) and return its logits on CPU in float32.
 
     Returns:
         `list[torch.Tensor]`: one `(T_i, V)` tensor per prompt.
     """
     import torch
 
-    device = next(model.parameters()).device
-    was_training = model.training
     model.eval()
     out = []
     with torch.no_grad():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-            logits = model(input_ids=ids.to(device), use_cache=False).logits
-            out.append(logits[0].float().cpu())
-    model.train(was_training)
+            out.append(model(input_ids=ids.to(model.device), use_cache=False).logits[0].float().cpu())
     return out
 
 
 def compare_logits(reference: list, candidate: list) -> ParityResult:
     """Compare per-prompt logits `(T_i, V)` of a reference and a candidate model (same prompts, same order)."""
     import torch
+    import torch.nn.functional as F
 
     if len(reference) != len(candidate):
         raise ValueError(f"got {len(reference)} reference and {len(candidate)} candidate prompts")
@@ -85,9 +76,7 @@ def compare_logits(reference: list, candidate: list) -> ParityResult:
             raise ValueError(f"logit shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
         ref, cand = ref.double(), cand.double()  # float64 so tiny KLs are not swamped by rounding
         max_abs = max(max_abs, (ref - cand).abs().max().item())
-        log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
-        kls.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0))
+        kl = F.kl_div(cand.log_softmax(-1), ref.log_softmax(-1), reduction="none", log_target=True).sum(-1)
+        kls.append(kl.clamp_min(0.0))  # KL(p_ref || p_cand) per position
     kl = torch.cat(kls)
-    return ParityResult(
-        max_abs_logit_diff=max_abs, mean_kl=kl.mean().item(), max_kl=kl.max().item(), num_positions=kl.numel()
-    )
+    return ParityResult(max_abs, mean_kl=kl.mean().item(), max_kl=kl.max().item(), num_positions=kl.numel())

@@ -1,16 +1,10 @@
 """The training record written next to an adapter, and the check of a re-derived 4-bit base against it.
 
-`EMOTrainer.save_model` writes `emo_training.json` (plain JSON) with:
-
-- `settings`: the `emo_*` fields of the config and a few run facts (learning rate, steps, precision, last loss);
-- `base_model` and `base_dtype`: the checkpoint trained on and the dtype its weights were loaded in;
-- `quantization`: None for an unquantised base; for a quantised one its `BitsAndBytesConfig` (`config`), the
-  `load_dtype`, where it was quantised (`device`, `device_name`), the `bitsandbytes` and `torch` versions, and
-  `block_sha256`: SHA-256 hashes of the 4-bit codes and quantisation state (absmax, ...) of three fixed layers.
-
-`merge_adapter` reads it to merge into the base that was trained, and compares the hashes with the 4-bit base it
-re-derives before merging (`check_codes`). Nothing in an adapter folder is unpickled: `training_args.bin`, the pickle
-`Trainer.save_model` writes, is never opened.
+`EMOTrainer.save_model` writes `emo_training.json` (plain JSON, fields in docs/merge.md): the EMO settings and run
+facts, the base and its load dtype, and for a 4-bit base its settings, where and with which versions it was
+quantised, and SHA-256 hashes of three layers' 4-bit codes. `merge_adapter` reads it to merge into the base that was
+trained, and compares the hashes with the 4-bit base it re-derives (`check_codes`). Nothing is unpickled:
+`training_args.bin`, the pickle `Trainer.save_model` writes, is never opened.
 """
 
 import dataclasses
@@ -24,6 +18,7 @@ __all__ = [
     "RECORD_NAME",
     "block_hashes",
     "check_codes",
+    "code_mismatch_message",
     "describe_code_check",
     "read_training_record",
     "save_training_record",
@@ -39,32 +34,27 @@ _RUN_FIELDS = (
 
 
 def save_training_record(model, output_dir: str | os.PathLike, args=None, state=None) -> str:
-    """Write `output_dir/emo_training.json` for `model` (a `PeftModel` or a plain model) trained with `args`.
-
-    Args:
-        model (`torch.nn.Module`): the trained model, unwrapped from any accelerator wrapper.
-        output_dir (`str`): the adapter folder.
-        args (`EMOConfig`, *optional*): training arguments; their `emo_*` fields and `_RUN_FIELDS` are recorded.
-        state (`TrainerState`, *optional*): for the global step and the last logged loss.
-
-    Returns:
-        `str`: the path written.
-    """
+    """Write `output_dir/emo_training.json` for `model` (a `PeftModel` or a plain model, unwrapped from any accelerator
+    wrapper) trained with `args` (an `EMOConfig`: its `emo_*` fields and `_RUN_FIELDS`) up to `state` (`TrainerState`:
+    the global step and the last logged loss). Returns the path written."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    settings = {}
-    if args is not None:
-        settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name.startswith("emo_")}
-        settings.update({name: getattr(args, name) for name in _RUN_FIELDS if hasattr(args, name)})
+    dtype = str(base.dtype).removeprefix("torch.")
+    names = [f.name for f in dataclasses.fields(args) if f.name.startswith("emo_")] if args is not None else []
+    settings = {name: getattr(args, name) for name in names + list(_RUN_FIELDS) if hasattr(args, name)}
     if state is not None:
-        settings["global_step"] = state.global_step
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-        if losses:
-            settings["last_logged_loss"] = losses[-1]
+        settings.update(global_step=state.global_step, last_logged_loss=losses[-1] if losses else None)
+    config, quantization = getattr(base.config, "quantization_config", None), None
+    if config is not None:
+        config = json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else config
+        quantization = {"config": dict(config), "load_dtype": dtype}
+        if _linear4bit_layers(base):  # bitsandbytes 4-bit: where it was quantised, and hashes of its codes
+            quantization.update(_environment(base), block_sha256=block_hashes(base))
     record = {
         "format": 1,
         "base_model": base.config._name_or_path,
-        "base_dtype": _dtype_name(base.dtype),
-        "quantization": _quantization_record(base),
+        "base_dtype": dtype,
+        "quantization": quantization,
         "settings": settings,
     }
     path = os.path.join(output_dir, RECORD_NAME)
@@ -89,10 +79,6 @@ def read_training_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _linear4bit_layers(model) -> dict:
     """The `bnb.nn.Linear4bit` modules of `model` by their name in the plain (non-PEFT) model, in module order."""
     try:
@@ -107,48 +93,24 @@ def _linear4bit_layers(model) -> dict:
     }
 
 
-def _quantization_record(model) -> dict | None:
-    config = getattr(model.config, "quantization_config", None)
-    if config is None:
-        return None
-    config = json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else dict(config)
-    record = {"config": config, "load_dtype": _dtype_name(model.dtype)}
-    if _linear4bit_layers(model):
-        record.update(_environment(model), block_sha256=block_hashes(model))
-    return record
-
-
 def _environment(model) -> dict:
     """Where and with what the 4-bit layers of `model` were quantised."""
+    import bitsandbytes
     import torch
 
-    layers = _linear4bit_layers(model)
-    device = next(iter(layers.values())).weight.device if layers else torch.device("cpu")
-    try:
-        from importlib.metadata import version
-
-        bitsandbytes = version("bitsandbytes")
-    except ImportError:  # PackageNotFoundError is an ImportError
-        bitsandbytes = None
+    device = next(iter(_linear4bit_layers(model).values())).weight.device  # where the 4-bit codes live
     return {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "bitsandbytes": bitsandbytes,
+        "bitsandbytes": bitsandbytes.__version__,
         "torch": torch.__version__,
     }
 
 
 def block_hashes(model, names: list[str] | None = None) -> dict[str, str | None]:
-    """SHA-256 of the 4-bit codes and quantisation state of some `bnb.nn.Linear4bit` layers of `model`.
-
-    Args:
-        model (`torch.nn.Module`): a model loaded in 4-bit, or a `PeftModel` around one.
-        names (`list[str]`, *optional*): layer names; defaults to the first, middle and last 4-bit layer.
-
-    Returns:
-        `dict[str, str | None]`: hex digest per name; None for a layer that is absent or was repacked by
-        bitsandbytes' CPU kernels (its bytes are then no longer the codes).
-    """
+    """SHA-256 of the 4-bit codes and quantisation state of the `bnb.nn.Linear4bit` layers `names` of `model` (a 4-bit
+    model or a `PeftModel` around one; default: the first, middle and last 4-bit layer). None for a layer that is
+    absent or was repacked by bitsandbytes' CPU kernels (its bytes are then no longer the codes)."""
     import torch
 
     layers = _linear4bit_layers(model)
@@ -178,21 +140,16 @@ def block_hashes(model, names: list[str] | None = None) -> dict[str, str | None]
 
 
 def check_codes(model, quantization: dict | None) -> dict:
-    """Compare the 4-bit layers of `model` with the hashes of a quantisation record.
-
-    Returns:
-        `dict`: `status` (`"match"`, `"mismatch"` or `"not recorded"`), `blocks` compared, `differing` names, and
-        where and with what each side was quantised (`recorded` / `merge`: device, device name, versions).
-    """
+    """Compare the 4-bit layers of `model` with the hashes of a quantisation record: `status` (`"match"`, `"mismatch"`
+    or `"not recorded"`), `blocks` compared, `differing` names, and where and with what each side was quantised
+    (`recorded` / `merge`: device, device name, versions)."""
     quantization = quantization or {}
     recorded = {name: digest for name, digest in (quantization.get("block_sha256") or {}).items() if digest}
-    here = _environment(model)
-    check = {"recorded": {key: quantization.get(key) for key in here}, "merge": here}
-    if not recorded:
-        return {"status": "not recorded", "blocks": 0, "differing": [], **check}
-    found = block_hashes(model, list(recorded))
+    found, here = block_hashes(model, list(recorded)), _environment(model)
     differing = [name for name, digest in recorded.items() if found[name] != digest]
-    return {"status": "mismatch" if differing else "match", "blocks": len(recorded), "differing": differing, **check}
+    status = "mismatch" if differing else "match" if recorded else "not recorded"
+    trained = {key: quantization.get(key) for key in here}
+    return {"status": status, "blocks": len(recorded), "differing": differing, "recorded": trained, "merge": here}
 
 
 def describe_code_check(check: dict) -> str:
@@ -208,3 +165,20 @@ def describe_code_check(check: dict) -> str:
         return f"match: {check['blocks']} of {check['blocks']} blocks ({where})"
     differing = ", ".join(check["differing"])
     return f"MISMATCH: {len(check['differing'])} of {check['blocks']} blocks differ ({differing}; {where})"
+
+
+def code_mismatch_message(check: dict, base_model: str, adapter_path: str) -> str:
+    """Why a merge stops on a code mismatch, and how to merge into the trained base instead."""
+    recorded, here = check["recorded"], check["merge"]
+    fixes = []
+    if recorded["device"] and recorded["device"] != here["device"]:
+        fixes.append(f"merge where training quantised, with --device {recorded['device']}")
+    if recorded["bitsandbytes"] and recorded["bitsandbytes"] != here["bitsandbytes"]:
+        fixes.append(f"install bitsandbytes=={recorded['bitsandbytes']}")
+    fixes = fixes or ["pass the checkpoint the adapter was trained on as --model_name_or_path"]
+    return (
+        f"the 4-bit base rebuilt from {base_model!r} is not the one the adapter {adapter_path!r} was trained on: "
+        f"{describe_code_check(check)}. To merge into the trained base: {'; '.join(fixes)}. Or pass "
+        "allow_code_mismatch=True (--allow_code_mismatch) to merge anyway; the card and report then record the "
+        "difference. Nothing was written."
+    )

@@ -119,8 +119,6 @@ def test_output_is_a_plain_model_folder(merged_dirs):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM
 
-    from emo_calibrate.utils.quantization import is_quantized
-
     for (merge_base, dtype), (path, report) in merged_dirs.items():
         files = set(os.listdir(path))
         assert {"config.json", "generation_config.json", "README.md", "merge_report.json"} <= files
@@ -128,8 +126,9 @@ def test_output_is_a_plain_model_folder(merged_dirs):
         assert not any(f.startswith("adapter_") for f in files)
         config = json.loads((path / "config.json").read_text())
         assert "quantization_config" not in config and config["dtype"] == dtype
-        model = AutoModelForCausalLM.from_pretrained(path)
-        assert not is_quantized(model)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False)
+        assert all(p.dtype == getattr(torch, dtype) and type(p).__name__ == "Parameter" for p in model.parameters())
         assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
         assert not any("lora" in name for name, _ in model.named_parameters())
         card = (path / "README.md").read_text()
@@ -141,6 +140,25 @@ def test_output_is_a_plain_model_folder(merged_dirs):
         assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
         assert all(os.stat(path / f).st_mode & 0o777 == 0o666 & ~umask for f in files)  # servers can read them
         assert report.quantization["bnb_4bit_use_double_quant"] is True
+
+
+def test_the_summary_and_the_card_state_the_same_facts(merged_dirs):
+    """One source (`MergeReport.facts`): the CLI/log summary and the model card say the same, figures included."""
+    for path, report in merged_dirs.values():
+        card, summary = (path / "README.md").read_text(), report.summary()
+        for fact in (f"{report.parity.mean_kl:.3g}", f"{report.parity_vs_trained.max_abs_logit_diff:.3g}", "PASSED",
+                     report.merge_base_reason, report.quantization_source, "match: 3 of 3 blocks"):  # fmt: skip
+            assert fact in card and fact in summary, fact
+        for label, text in report.facts().items():
+            assert f"| {label} | {text} |" in card
+            assert f"{label}: {text}".replace("`", "").replace("**", "") in summary
+
+
+def test_a_record_without_emo_settings_is_not_called_missing(merged_dirs):
+    """The adapter's record was written without training arguments: the card must not say the record is absent."""
+    card = (merged_dirs["original", "float32"][0] / "README.md").read_text()
+    assert "has no emo_training.json" not in card
+    assert "Unknown: the adapter's emo_training.json records no EMO settings" in card
 
 
 def test_reload_from_disk_is_identical_to_the_in_memory_merge(merged_dirs, tiny_llama_dir, qlora_adapter):
@@ -174,7 +192,7 @@ def test_resized_embeddings_are_carried_over(tiny_llama_dir, tmp_path):
     tokenizer.add_tokens([f"<new{i}>" for i in range(132 - len(tokenizer))])  # 132 tokens; the model has 128 rows
     adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter", quantized=False, tokenizer=tokenizer)
     report = merge_adapter(adapter, tmp_path / "merged", merge_base="original", dtype="float32")
-    assert report.resized_embeddings and report.vocab_size == len(tokenizer)
+    assert report.resize_embeddings_to == report.vocab_size == len(tokenizer)
     base = _load(tiny_llama_dir)
     base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     torch.testing.assert_close(
@@ -294,11 +312,12 @@ def test_a_base_saved_in_4bit_is_used_as_is_by_dequantized_only(qlora_adapter, t
 def test_a_failure_mid_write_leaves_nothing(qlora_adapter, tmp_path, monkeypatch):
     import emo_calibrate.export.merge as merge_module
 
-    def fail(folder, report):
-        assert any(f.endswith(".safetensors") for f in os.listdir(folder))  # the weights are already written
+    def fail(report):
+        folder = next(tmp_path.glob(".out.merging-*"))
+        assert any(f.suffix == ".safetensors" for f in folder.iterdir())  # the weights are already written
         raise OSError("disk full")
 
-    monkeypatch.setattr(merge_module, "_write_card_and_report", fail)
+    monkeypatch.setattr(merge_module, "model_card", fail)
     with pytest.raises(OSError, match="disk full"):
         merge_module.merge_adapter(qlora_adapter, tmp_path / "out", dtype="float32")
     assert os.listdir(tmp_path) == []
@@ -311,19 +330,22 @@ def test_a_failure_mid_write_leaves_nothing(qlora_adapter, tmp_path, monkeypatch
 
 
 def test_a_corrupted_merge_fails_parity_and_writes_nothing(qlora_adapter, tmp_path, monkeypatch):
-    import emo_calibrate.export.merge as merge_module
+    from peft.tuners.lora import LoraModel
 
-    real_merge = merge_module._merge_and_unload
+    from emo_calibrate import merge_adapter
+    from emo_calibrate.export.merge import ParityError
 
-    def corrupted(adapter_model):
-        merged = real_merge(adapter_model)
+    real_merge = LoraModel.merge_and_unload
+
+    def corrupted(self, *args, **kwargs):  # PEFT's merge, then one layer's weights negated
+        merged = real_merge(self, *args, **kwargs)
         with torch.no_grad():
             merged.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
         return merged
 
-    monkeypatch.setattr(merge_module, "_merge_and_unload", corrupted)
-    with pytest.raises(merge_module.ParityError, match="parity check failed") as info:
-        merge_module.merge_adapter(qlora_adapter, tmp_path / "out", dtype="float32")
+    monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted)
+    with pytest.raises(ParityError, match="parity check failed") as info:
+        merge_adapter(qlora_adapter, tmp_path / "out", dtype="float32")
     assert not info.value.report.passed and info.value.report.parity.mean_kl > 1e-6
     assert os.listdir(tmp_path) == []
 
@@ -344,21 +366,27 @@ def test_without_a_record_the_default_is_the_original_base_and_dequantized_assum
     """An adapter without a record (e.g. plain PEFT): the default invents no quantisation; dequantized must be asked."""
     import shutil
 
-    from emo_calibrate.export.plan import make_merge_plan
+    from emo_calibrate import merge_adapter
 
     adapter = tmp_path / "adapter"
     shutil.copytree(qlora_adapter, adapter)
     os.remove(adapter / "emo_training.json")
-    plan = make_merge_plan(adapter, tmp_path / "out", dtype="bfloat16")
-    assert plan.merge_base == "original" and plan.trained == "unknown" and plan.quantization_config is None
-    assert "merge_base='dequantized'" in plan.merge_base_reason
-    plan = make_merge_plan(adapter, tmp_path / "out", merge_base="dequantized", dtype="bfloat16")
-    assert plan.quantization_source.startswith("assumed") and plan.trained_dtype == "bfloat16"
-    assert plan.quantization_config.bnb_4bit_quant_type == "nf4" and plan.quantization_config.bnb_4bit_use_double_quant
-    plan = make_merge_plan(adapter, tmp_path / "out", merge_base="dequantized", bnb_4bit_use_double_quant=False)
-    assert not plan.quantization_config.bnb_4bit_use_double_quant and plan.quantization_source.endswith("+ overrides")
     with pytest.raises(ValueError, match="no 4-bit base is involved"):
-        make_merge_plan(adapter, tmp_path / "out", bnb_4bit_quant_type="fp4")  # never silently ignored
+        merge_adapter(adapter, tmp_path / "out", bnb_4bit_quant_type="fp4")  # never silently ignored
+    report = merge_adapter(adapter, tmp_path / "out", dtype="float32")
+    assert (report.merge_base, report.trained_base, report.quantization) == ("original", "unknown", None)
+    assert "merge_base='dequantized'" in report.merge_base_reason and report.code_check is None
+    report = merge_adapter(adapter, tmp_path / "out2", merge_base="dequantized", dtype="float32")
+    assert report.quantization_source.startswith("assumed") and report.trained_dtype == "float32"
+    assert report.quantization["bnb_4bit_quant_type"] == "nf4" and report.quantization["bnb_4bit_use_double_quant"]
+    # NF4 + double quantisation, loaded in float32: exactly how the adapter's base was quantised, so it is rebuilt
+    assert report.parity_vs_trained.mean_kl < 1e-8 and report.code_check["status"] == "not recorded"
+    report = merge_adapter(
+        adapter, tmp_path / "out3", merge_base="dequantized", dtype="float32", bnb_4bit_use_double_quant=False
+    )
+    assert not report.quantization["bnb_4bit_use_double_quant"] and report.quantization_source.endswith("+ overrides")
+    assert report.passed  # and another 4-bit base: the override is not ignored
+    assert (_logits(_load(tmp_path / "out3")) - _logits(_load(tmp_path / "out2"))).abs().max() > 1e-4
 
 
 # ---- CLI ----
@@ -375,13 +403,18 @@ def test_cli_help(capsys):
         assert option in help_text
 
 
-def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys):
+def test_cli_run_and_refusal(qlora_adapter, tmp_path, capsys, caplog):
+    import logging
+
     from emo_calibrate.cli.main import main
+
+    caplog.set_level(logging.INFO)
 
     config = tmp_path / "merge.yaml"
     config.write_text(f"adapter_path: {qlora_adapter}\noutput_dir: {tmp_path / 'out'}\ndtype: bfloat16\n")
     assert main(["merge", "--config", str(config), "--dtype", "float32"]) == 0  # the command line wins
     assert "PASSED" in capsys.readouterr().out
+    assert not any("PASSED" in record.getMessage() for record in caplog.records)  # printed once, not logged again
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
     argv = ["merge", "--adapter_path", qlora_adapter, "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 2

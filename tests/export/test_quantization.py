@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit helpers: the CPU repacking guard and quantisation detection (the record: test_records.py)."""
+"""The CPU repacking guard of bitsandbytes 4-bit models (the 4-bit record and its hashes: test_records.py)."""
 
 import pytest
 import torch
@@ -103,16 +103,3 @@ def test_without_the_fix_an_eval_forward_corrupts_dequantize(wide_tiny_dir):
     )
     after = _dequantized_weights(model)
     assert any(before[n].shape != after[n].shape or not torch.equal(before[n], after[n]) for n in before)
-
-
-def test_is_quantized(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    from emo_calibrate.utils.quantization import is_quantized
-
-    assert not is_quantized(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
-    model = _load_4bit(tiny_llama_dir)
-    assert is_quantized(model)
-    model = model.dequantize(dtype=torch.float32)
-    assert model.is_loaded_in_4bit  # why is_quantized does not read this flag
-    assert not is_quantized(model)
