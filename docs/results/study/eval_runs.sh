@@ -8,7 +8,8 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 RUNS="$1"; OUT="$2"; shift 2
 PYTHON="${PYTHON:-$(command -v python)}"
 export PYTHONPATH="$(cd "$HERE/../../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's emo_calibrate
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+THREADS="${EMO_STUDY_THREADS:-1}"  # torch threads; 1 on the shared 2-core machine
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 /usr/bin/time -v "$PYTHON" -m emo_calibrate.cli.main eval --models "$@" \
   --eval_data "$RUNS/calib" --split test --max_eval_words 30000 \
   --metrics perplexity calibration generation icl \

@@ -9,7 +9,8 @@ RUNS="$1"; shift
 PYTHON="${PYTHON:-$(command -v python)}"
 MODEL="${EMO_STUDY_MODEL:-$HOME/.cache/emo_calibrate/smollm2/SmolLM2-135M-Instruct}"
 export PYTHONPATH="$(cd "$HERE/../../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's emo_calibrate
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+THREADS="${EMO_STUDY_THREADS:-1}"  # torch threads; 1 on the shared 2-core machine
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 for spec in "$@"; do
   IFS=: read -r name weighting seed <<< "$spec"
   out="$RUNS/$name"
