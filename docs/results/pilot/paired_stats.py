@@ -1,4 +1,4 @@
-"""Paired differences between the models of an `emo-calibrate eval` report (docs/results.md).
+"""Paired differences between the models of an `emo-calibrate eval` report (docs/results/pilot/README.md).
 
 The report's ± on perplexity is a bootstrap over documents of each model alone: it mostly measures how much the
 documents differ, not how much the models do. Every model sees the same documents and the same prompts, so the
@@ -9,7 +9,7 @@ honest test of "model A differs from model B" resamples the PAIRED differences. 
 - reads the report's `samples/*.jsonl` and bootstraps the per-prompt difference of rep-4 over prompts (greedy, and
   sampled with the seeds pooled), with win / tie / loss counts.
 
-    python docs/results/paired_stats.py --report /tmp/results_scratch/eval --output docs/results/paired_stats.json
+    python docs/results/pilot/paired_stats.py --report /tmp/results_scratch/eval --output docs/results/pilot/paired_stats.json
 """
 
 import argparse

@@ -1,13 +1,13 @@
-"""Train one LoRA adapter of the base / MLE-LoRA / EMO-LoRA comparison in docs/results.md.
+"""Train one LoRA adapter of the base / MLE-LoRA / EMO-LoRA comparison in docs/results/pilot/README.md.
 
 `emo-calibrate train` was not on main when this comparison was run, so this script calls `EMOTrainer` directly with
 the settings of the embedded demo recipe (and of emo-method.md §0b): SmolLM2-135M-Instruct, LoRA r=16 / alpha=32 on
 all linear layers, fp32 on CPU, batches of 4 x 256 tokens (wrapped packing), linear schedule, no warmup, seed 0.
 Only `--weighting` and `--learning_rate` differ between the runs; data, steps and seed are the same.
 
-    python docs/results/run_comparison.py --data /tmp/results_scratch/calib --weighting mle \
+    python docs/results/pilot/run_comparison.py --data /tmp/results_scratch/calib --weighting mle \
         --output_dir /tmp/results_scratch/mle --max_steps 60
-    python docs/results/run_comparison.py --data /tmp/results_scratch/calib --weighting emo_anchored \
+    python docs/results/pilot/run_comparison.py --data /tmp/results_scratch/calib --weighting emo_anchored \
         --output_dir /tmp/results_scratch/emo --max_steps 60
 
 Writes the adapter, the tokenizer and `trainer_state.json` (the log history that `emo-calibrate eval` plots as
