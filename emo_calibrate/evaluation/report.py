@@ -18,8 +18,9 @@ __all__ = ["write_report", "plot_training_curves", "TRAINING_CURVE_KEYS"]
 
 logger = logging.getLogger(__name__)
 
-# log_history keys plotted as training curves, when present (EMOTrainer logs mle and emo next to the loss).
-TRAINING_CURVE_KEYS = ("loss", "mle", "emo", "eval_loss", "eval_mle", "eval_emo")
+# log_history keys plotted as training curves, when present. EMOTrainer logs them for every weighting, `mle` included,
+# so runs compare on the same quantities: emd (the transport cost itself) and entropy show how EMO lowers its cost.
+TRAINING_CURVE_KEYS = ("loss", "mle", "emo", "emd", "entropy", "eval_loss", "eval_mle", "eval_emd")
 
 
 def _plt():
