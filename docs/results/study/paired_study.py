@@ -39,7 +39,7 @@ def load_reports(folders):
 
 def icl_pairs(a, b, seed):
     out = {}
-    for task, result in a["icl"].items():
+    for task, result in a.get("icl", {}).items():  # a report without `--metrics icl` has none
         ca, cb = result["correct"], b["icl"][task]["correct"]
         test = mcnemar(ca, cb)
         diff = paired_bootstrap_difference(ca, cb, seed=seed)
