@@ -21,7 +21,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
-from emo_calibrate.evaluation.metrics import mcnemar, paired_bootstrap_difference, rep_n  # noqa: E402
+from emo_calibrate.evaluation.metrics import (  # noqa: E402
+    bootstrap_perplexity,
+    mcnemar,
+    paired_bootstrap_difference,
+    perplexity,
+    rep_n,
+)
 
 
 def load_reports(folders):
@@ -90,15 +96,11 @@ def per_document_nll(entry, results):
 
 
 def perplexity_ratio(nll_a, tok_a, nll_b, seed, num_samples=2000):
-    """exp(sum(nll_a - nll_b) / sum(tokens)) with a bootstrap over documents: the perplexity ratio a / b."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, nll_a.numel(), (num_samples, nll_a.numel()), generator=gen)
+    """The perplexity ratio a / b, exp(sum(nll_a - nll_b) / sum(tokens)), with a bootstrap over documents: the
+    corpus perplexity of the per-document NLL differences, so `bootstrap_perplexity` resamples it as it is."""
     diff = nll_a - nll_b
-    samples = torch.exp(diff[idx].sum(1) / tok_a[idx].sum(1))
-    low, high = torch.quantile(samples, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [torch.exp(diff.sum() / tok_a.sum()).item(), low, high]
+    spread = bootstrap_perplexity(diff, tok_a, num_samples, seed)
+    return [perplexity(diff.sum().item(), tok_a.sum().item()), spread["low"], spread["high"]]
 
 
 def main(argv=None):
