@@ -81,7 +81,9 @@ class EvalArguments:
         icl_batch_size (`int`, *optional*, defaults to `8`): prompts per forward pass.
         dtype (`str`, *optional*, defaults to `"float32"`): weights dtype for loading.
         device (`str`, *optional*, defaults to `"auto"`): `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`...
-        seed (`int`, *optional*, defaults to `0`): seed of the perplexity bootstrap.
+        seed (`int`, *optional*, defaults to `0`): seed of every bootstrap (perplexity, ICL accuracy, paired
+            differences).
+        bootstrap_samples (`int`, *optional*, defaults to `2000`): resamples of every bootstrap interval.
         output_dir (`str`, *optional*, defaults to `"eval_report"`): where results.json, report.md and plots go.
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output_dir`.
     """
@@ -209,7 +211,16 @@ class EvalArguments:
     icl_batch_size: int = field(default=8, metadata={"help": "ICL prompts per forward pass."})
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: one of {list(_DTYPES)}."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."})
-    seed: int = field(default=0, metadata={"help": "Seed of the perplexity bootstrap."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of every bootstrap (perplexity, ICL accuracy, paired differences)."}
+    )
+    bootstrap_samples: int = field(
+        default=2000,
+        metadata={
+            "help": "Resamples of every bootstrap interval: perplexity spreads, ICL accuracy, and the paired "
+            "differences of every model against the first (documents, prompts, ICL items)."
+        },
+    )
     output_dir: str = field(
         default="eval_report", metadata={"help": "Folder for results.json, report.md, samples and plots."}
     )
@@ -240,7 +251,8 @@ class EvalArguments:
             raise ValueError(
                 f"Need window >= 2 and 1 <= stride <= window, got window={self.window}, stride={self.stride}."
             )
-        for name in ("batch_size", "generation_batch_size", "num_prompts", "max_new_tokens", "calibration_bins"):
+        positive = ("batch_size", "generation_batch_size", "num_prompts", "max_new_tokens", "calibration_bins")
+        for name in (*positive, "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
 

@@ -31,10 +31,11 @@ def evaluate_calibration(
 
     Returns:
         `dict` as `CalibrationAccumulator.compute()`: `ece`, `brier`, `accuracy`, `mean_confidence`,
-        `mean_target_prob`, `num_tokens`, `num_bins` and `curve` (per non-empty bin: `bin_low`, `bin_high`,
-        `confidence`, `accuracy`, `count`).
+        `mean_target_prob`, `num_tokens`, `num_bins`, `curve` (per non-empty bin: `bin_low`, `bin_high`,
+        `confidence`, `accuracy`, `count`) and `per_document` (each document's bins: `count`, `confidence_sum`,
+        `correct_sum`, for paired comparisons).
     """
-    acc = CalibrationAccumulator(num_bins)
+    acc = CalibrationAccumulator(num_bins, num_documents=len(documents))
     kwargs = dict(window=window, stride=stride, batch_size=batch_size, add_special_tokens=add_special_tokens)
     score_texts(model, tokenizer, documents, [acc], show_progress=show_progress, desc="calibration", **kwargs)
     return acc.compute()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import repetition_summary
+from .metrics import rep_n, repetition_summary
 
 
 __all__ = [
@@ -246,8 +246,9 @@ def evaluate_generation(
         mauve_kwargs: extra arguments of `mauve.compute_mauve`.
 
     Returns:
-        `dict`: per decoding mode, `runs` (one dict per seed: `seed`, `mauve`, repetition metrics) and `mean`/`std`
-        of each metric over runs, plus `samples` (per mode, per seed: prefix + generated text).
+        `dict`: per decoding mode, `runs` (one dict per seed: `seed`, `mauve`, repetition metrics and `per_prompt`,
+        each prompt's `rep-n`) and `mean`/`std` of each metric over runs, plus `samples` (per mode, per seed:
+        prefix + generated text).
     """
     unknown = set(decoding) - {"sample", "greedy"}
     if unknown:
@@ -276,12 +277,14 @@ def evaluate_generation(
                 for p, ids in zip(prefixes, new_ids)
             ]
             run = {"seed": seed, **repetition_summary(new_ids, ngram_sizes)}
+            # each prompt's own rep-n, in prompt order: the units of paired comparisons between models
+            run["per_prompt"] = {f"rep-{n}": [rep_n(ids, n) for ids in new_ids] for n in ngram_sizes}
             if featurizer is not None:
                 q = featurizer(full, show_progress=show_progress)
                 run["mauve"] = mauve_score(reference_features, q, **(mauve_kwargs or {}))
             runs.append(run)
             samples.setdefault(mode, {})[seed] = full
-        metrics = [k for k in runs[0] if k != "seed"]
+        metrics = [k for k in runs[0] if k not in ("seed", "per_prompt")]
         stats = {k: _mean_std([r[k] for r in runs]) for k in metrics}
         result[mode] = {
             "runs": runs,

@@ -111,6 +111,7 @@ def evaluate_icl(
     batch_size: int = 8,
     add_special_tokens: bool = True,
     bootstrap_seed: int = 0,
+    bootstrap_samples: int = 2000,
     show_progress: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Accuracy of `model` on every prepared task.
@@ -156,7 +157,7 @@ def evaluate_icl(
                     "shots": item.num_shots,
                 }
             )
-        acc, acc_norm = bootstrap_mean(correct, seed=bootstrap_seed), bootstrap_mean(correct_norm, seed=bootstrap_seed)
+        acc, acc_norm = (bootstrap_mean(c, bootstrap_samples, bootstrap_seed) for c in (correct, correct_norm))
         gold = Counter(row["gold"] if p.task.labels is None else row["candidates"][row["gold"]] for row in prompts)
         results[p.task.name] = {
             "accuracy": acc["mean"],

@@ -197,12 +197,15 @@ class NLLAccumulator:
         scored = self.tokens > 0
         spread = bootstrap_perplexity(self.nll[scored], self.tokens[scored], bootstrap_samples, seed)
         out.update(token_std=spread["std"], token_low=spread["low"], token_high=spread["high"])
+        # Per-document sums, in document order: what paired comparisons between models resample.
+        out["per_document"] = {"nll": self.nll.tolist(), "tokens": self.tokens.long().tolist()}
         if self.words is not None:
             words = torch.tensor(self.words, dtype=torch.float64)
             out["num_words"] = int(words.sum().item())
             out["word"] = word_perplexity(nll_sum, out["num_words"])
             spread = bootstrap_perplexity(self.nll[scored], words[scored], bootstrap_samples, seed)
             out.update(word_std=spread["std"], word_low=spread["low"], word_high=spread["high"])
+            out["per_document"]["words"] = list(self.words)
         return out
 
 
@@ -273,11 +276,16 @@ class CalibrationBins:
         bins = cls.empty(num_bins)
         confidence = confidence.detach().double().cpu().flatten()
         correct = correct.detach().double().cpu().flatten()
-        index = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
+        index = cls.bin_index(confidence, num_bins)
         bins.count.index_add_(0, index, torch.ones_like(confidence))
         bins.confidence_sum.index_add_(0, index, confidence)
         bins.correct_sum.index_add_(0, index, correct)
         return bins
+
+    @staticmethod
+    def bin_index(confidence: torch.Tensor, num_bins: int) -> torch.Tensor:
+        """The bin of each confidence in [0, 1]: `ceil(confidence * num_bins) - 1`, confidence 0 in bin 0."""
+        return (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
 
     def __add__(self, other: "CalibrationBins") -> "CalibrationBins":
         return CalibrationBins(
@@ -321,24 +329,33 @@ class CalibrationAccumulator:
 
     Args:
         num_bins (`int`, *optional*, defaults to `15`): equal-width confidence bins (15, as in Guo et al. 2017).
+        num_documents (`int`, *optional*): also keep the bins of each document (`doc_index` of `update`), so that
+            ECE can be recomputed on a resample of documents (`paired.paired_ece_difference`).
     """
 
-    def __init__(self, num_bins: int = 15):
+    def __init__(self, num_bins: int = 15, num_documents: int | None = None):
         self.bins = CalibrationBins.empty(num_bins)
         self.brier_sum = 0.0
         self.target_prob_sum = 0.0
+        # (3, num_documents, num_bins): the count, confidence_sum and correct_sum of each document's bins
+        self.document_bins = None if num_documents is None else torch.zeros(3, num_documents, num_bins).double()
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, doc_index: torch.Tensor | None = None) -> None:
-        """Add rows `logits (N, V)` predicting `targets (N,)` (`doc_index` is accepted and ignored)."""
+        """Add rows `logits (N, V)` predicting `targets (N,)` of documents `doc_index (N,)`."""
         probs = torch.softmax(logits.float(), dim=-1)
         confidence, correct = top1_confidence(probs, targets)
         self.bins = self.bins + CalibrationBins.from_predictions(confidence, correct, self.bins.num_bins)
+        if self.document_bins is not None:
+            confidence, correct = confidence.double().cpu(), correct.double().cpu()
+            flat = doc_index.cpu() * self.bins.num_bins + CalibrationBins.bin_index(confidence, self.bins.num_bins)
+            for sums, values in zip(self.document_bins.flatten(1), (torch.ones_like(confidence), confidence, correct)):
+                sums.index_add_(0, flat, values)
         self.brier_sum += brier_score(probs, targets).double().sum().item()
         self.target_prob_sum += probs.gather(-1, targets.unsqueeze(-1)).double().sum().item()
 
     def compute(self) -> dict:
         n = self.bins.count.sum().item()
-        return {
+        out = {
             "ece": self.bins.ece,
             "brier": self.brier_sum / n,
             "accuracy": self.bins.correct_sum.sum().item() / n,
@@ -348,6 +365,11 @@ class CalibrationAccumulator:
             "num_bins": self.bins.num_bins,
             "curve": self.bins.curve(),
         }
+        if self.document_bins is not None:  # one list of num_bins sums per document
+            count, confidence_sum, correct_sum = self.document_bins
+            out["per_document"] = {"count": count.long().tolist(), "confidence_sum": confidence_sum.tolist()}
+            out["per_document"]["correct_sum"] = correct_sum.long().tolist()
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -178,8 +178,9 @@ def evaluate_perplexity(
     """Token and word perplexity of `model` on `documents` (see the module docstring for the windowing).
 
     Returns:
-        `dict` with `token` and `word` perplexity, `nll_sum`, `num_tokens`, `num_words`, and document-bootstrap
-        spreads `token_std`/`word_std` (plus 95% `*_low`/`*_high`).
+        `dict` with `token` and `word` perplexity, `nll_sum`, `num_tokens`, `num_words`, document-bootstrap
+        spreads `token_std`/`word_std` (plus 95% `*_low`/`*_high`), and `per_document` (`nll`, `tokens`, `words`
+        of each document, for paired comparisons).
     """
     acc = NLLAccumulator(len(documents), [count_words(d) for d in documents])
     kwargs = dict(window=window, stride=stride, batch_size=batch_size, add_special_tokens=add_special_tokens)

@@ -11,10 +11,10 @@ import math
 import os
 
 from .arguments import TEXT_METRICS
-from .metrics import mcnemar, paired_bootstrap_difference
+from .paired import paired_statistics
 
 
-__all__ = ["write_report", "plot_training_curves", "TRAINING_CURVE_KEYS"]
+__all__ = ["write_report", "dumps_results", "paired_section", "plot_training_curves", "TRAINING_CURVE_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,21 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def dumps_results(value, indent: int = 2, level: int = 0) -> str:
+    """JSON of `value` with objects indented and every list of plain values on one line, so that the per-document
+    and per-prompt lists of results.json take a line each (`json.loads` reads it back unchanged)."""
+    pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+    if isinstance(value, dict) and value:
+        keys = [json.dumps(k if isinstance(k, str) else json.dumps(k), ensure_ascii=False) for k in value]
+        rows = [f"{inner}{k}: {dumps_results(v, indent, level + 1)}" for k, v in zip(keys, value.values())]
+    elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        rows = [inner + dumps_results(v, indent, level + 1) for v in value]
+    else:
+        return json.dumps(value, ensure_ascii=False)
+    first, last = ("{", "}") if isinstance(value, dict) else ("[", "]")
+    return first + "\n" + ",\n".join(rows) + "\n" + pad + last
 
 
 def _fmt(value, std=None, digits=3) -> str:
@@ -188,23 +203,23 @@ def icl_section(results: dict) -> list[str]:
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
     baselines = [f"{_pct(models[0]['icl'][t]['chance'])} / {_pct(models[0]['icl'][t]['majority'])}" for t in tasks]
     lines.append("| chance / majority class | " + " | ".join(baselines + ["-"] * len(tasks)) + " |")
-    if len(models) > 1:
-        first = models[0]
+    paired = results.get("paired") or {}
+    pairs = [(label, groups["icl"]) for label, groups in paired.get("models", {}).items() if "icl" in groups]
+    if pairs:
+        ref = paired["reference"]
         lines += [
             "",
-            f"Paired difference against **{first['label']}** (same items, same demonstrations): accuracy "
-            "points [paired bootstrap 95 % CI], exact McNemar p-value, items only this model / only "
-            f"{first['label']} got right.",
+            f"Paired difference against **{ref}** (same items, same demonstrations): accuracy points [paired "
+            f"bootstrap 95 % CI], exact McNemar p-value, items only this model / only {ref} got right.",
             "",
         ]
         lines += ["| model | task | difference | p (McNemar) | wins / losses |", "|---|---|---|---|---|"]
-        for m in models[1:]:
-            for t in tasks:
-                a, b = m["icl"][t]["correct"], first["icl"][t]["correct"]
-                diff, test = paired_bootstrap_difference(a, b, seed=results["settings"]["seed"]), mcnemar(a, b)
+        for label, icl in pairs:
+            for t in (t for t in tasks if t in icl):
+                d, test = icl[t], icl[t]["mcnemar"]
                 lines.append(
-                    f"| {m['label']} | {t} | {100 * diff['difference']:+.1f} [{100 * diff['low']:+.1f}, "
-                    f"{100 * diff['high']:+.1f}] | {test['p_value']:.3g} | {test['a_only']} / {test['b_only']} |"
+                    f"| {label} | {t} | {100 * d['estimate']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
+                    f"{100 * d['ci95'][1]:+.1f}] | {test['p_value']:.3g} | {test['a_only']} / {test['b_only']} |"
                 )
     info = results.get("icl_tasks") or {}
     if info:
@@ -289,6 +304,64 @@ def _text_section(results: dict) -> list[str]:
     return lines
 
 
+# The rows of the paired table (path in a model's `paired` entry, name, digits); ICL has its own, with McNemar.
+_PAIRED_ROWS = (
+    (("perplexity", "token"), "ppl/token", 2),
+    (("perplexity", "word"), "ppl/word", 2),
+    (("calibration", "ece"), "ECE", 4),
+    (("generation", "sample", "rep-4"), "rep-4 (sample)", 3),
+    (("generation", "greedy", "rep-4"), "rep-4 (greedy)", 3),
+    (("generation", "sample", "mauve"), "MAUVE (sample)", 3),
+    (("generation", "greedy", "mauve"), "MAUVE (greedy)", 3),
+)
+
+
+def _change(stat: dict, digits: int) -> str:
+    """`estimate [low, high]` of a paired statistic, `*` when the interval excludes no change."""
+    ratio = stat["statistic"] == "ratio"
+
+    def fmt(value):
+        return f"{value:.3f}" if ratio else f"{value:+.{digits}f}"
+
+    if stat["ci95"] is None:
+        return f"{fmt(stat['estimate'])} (one run: no interval)"
+    low, high = stat["ci95"]
+    return f"{fmt(stat['estimate'])} [{fmt(low)}, {fmt(high)}]" + " *" * stat["excludes_null"]
+
+
+def paired_section(results: dict) -> list[str]:
+    """Markdown: the paired statistics of `results["paired"]` other than ICL's, one row per model and metric."""
+    paired = results.get("paired") or {}
+    rows = []
+    for label, groups in paired.get("models", {}).items():
+        for path, name, digits in _PAIRED_ROWS:
+            stat = _get(groups, *path)
+            if stat:
+                units = f"{stat['n']} {stat['unit']}"
+                if path[1] == "sample" and stat["unit"] != "seeds":
+                    units += f", seeds {' '.join(str(seed) for seed in stat['seeds'])}"
+                values = f"{_fmt(stat['reference'], digits=digits)} | {_fmt(stat['model'], digits=digits)}"
+                rows.append(f"| {label} | {name} | {values} | {_change(stat, digits)} | {units} |")
+    if not rows:
+        return []
+    ref = paired["reference"]
+    return [
+        f"## Paired differences against {ref}",
+        "",
+        f"Each model against **{ref}** on the same units. Perplexity: the ratio model / {ref} (below 1: lower), "
+        "bootstrap over documents, each resample drawing the same documents for both models. ECE and rep-4: the "
+        f"difference model - {ref} (negative: lower), bootstrap over the same documents, and paired bootstrap over "
+        "prompts (sampled: a prompt's rep-4 averaged over the seeds). MAUVE: the mean difference over sampling "
+        f"seeds with a Student t interval (one run: no interval). 95 % intervals, {paired['num_samples']} "
+        f"resamples, seed {paired['seed']}; `*`: the interval excludes no change (1 for a ratio, 0 for a "
+        "difference). Every statistic, rep-1 to rep-3 included, is under `paired` in results.json.",
+        "",
+        f"| model | metric | {ref} | model | change [95 % CI] | units |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 _TIMED = {
     "perplexity_calibration": "perplexity+calibration",
     "generation": "generation",
@@ -300,12 +373,16 @@ _TIMED = {
 def write_report(results: dict, output_dir: str) -> str:
     """Write `report.md` and its PNG plots into `output_dir`; returns the report's path."""
     s = results["settings"]
+    if "paired" not in results and len(results["models"]) > 1:  # e.g. an older results.json
+        results = {**results, "paired": paired_statistics(results)}
     plots = _plots(results, output_dir)
     lines = ["# Evaluation report", "", f"Device {results['device']}, dtype {s['dtype']}.", ""]
     if any(group in m for m in results["models"] for group in TEXT_METRICS):
         lines += _text_section(results)
     if any("downstream" in m for m in results["models"]):
         lines.append(f"- Downstream: lm-evaluation-harness tasks {s['lm_eval_tasks']} (full metrics in results.json).")
+    if paired := paired_section(results):
+        lines += [""] * (lines[-1] != "") + paired
     if any("icl" in m for m in results["models"]):
         lines += [""] * (lines[-1] != "") + icl_section(results)
     timed = [k for k in _TIMED if any(k in m.get("seconds", {}) for m in results["models"])]

@@ -162,7 +162,7 @@ def evaluate_model(
     if {"perplexity", "calibration"} & set(args.metrics):
         start = time.perf_counter()
         nll = NLLAccumulator(len(documents), [count_words(d) for d in documents])
-        calib = CalibrationAccumulator(args.calibration_bins)
+        calib = CalibrationAccumulator(args.calibration_bins, num_documents=len(documents))
         accumulators = [a for a, g in ((nll, "perplexity"), (calib, "calibration")) if g in args.metrics]
         score_texts(
             model,
@@ -175,7 +175,7 @@ def evaluate_model(
             add_special_tokens=args.add_special_tokens,
         )
         if "perplexity" in args.metrics:
-            entry["perplexity"] = nll.compute(seed=args.seed)
+            entry["perplexity"] = nll.compute(args.bootstrap_samples, seed=args.seed)
         if "calibration" in args.metrics:
             entry["calibration"] = calib.compute()
         seconds["perplexity_calibration"] = time.perf_counter() - start
@@ -219,6 +219,7 @@ def evaluate_model(
             batch_size=args.icl_batch_size,
             add_special_tokens=args.add_special_tokens,
             bootstrap_seed=args.seed,
+            bootstrap_samples=args.bootstrap_samples,
         )
         seconds["icl"] = time.perf_counter() - start
     entry["seconds"] = seconds
@@ -282,9 +283,10 @@ def run_evaluation(args: EvalArguments) -> dict:
     """Evaluate every model of `args.models` on `args.eval_data` and write the report to `args.output_dir`.
 
     Returns:
-        `dict`: the content of `results.json` (settings, featurizer, per-model results).
+        `dict`: the content of `results.json` (settings, featurizer, per-model results, `paired` differences).
     """
-    from .report import write_report
+    from .paired import paired_statistics
+    from .report import dumps_results, write_report
 
     if not args.models:
         raise ValueError("No model to evaluate: pass --models MODEL [MODEL ...].")
@@ -400,7 +402,9 @@ def run_evaluation(args: EvalArguments) -> dict:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        if len(results["models"]) > 1:  # every model against the first, on the same documents, prompts and items
+            results["paired"] = paired_statistics(results)
         with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+            f.write(dumps_results(results) + "\n")
         write_report(results, tmp)
     return results

@@ -134,6 +134,7 @@ def test_nll_accumulator_per_document():
     assert out["num_tokens"] == 3 and out["num_words"] == 3
     assert out["token"] == pytest.approx(4.0) and out["word"] == pytest.approx(4.0)
     torch.testing.assert_close(acc.nll, torch.tensor([1.0, 2.0], dtype=torch.float64) * math.log(4))
+    assert out["per_document"] == {"nll": acc.nll.tolist(), "tokens": [1, 2], "words": [1, 2]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,8 +241,9 @@ def test_calibration_on_model_matches_slow_reference(tiny):
     out = evaluate_calibration(model, tok, DOCS, num_bins=10, window=1000, stride=1000, show_progress=False)
     # reference: full-document forward, then a Python loop over tokens and bins
     bins = [[0, 0.0, 0.0] for _ in range(10)]
+    counts_per_document = [[0] * 10 for _ in DOCS]
     brier, n = 0.0, 0
-    for doc in DOCS:
+    for d, doc in enumerate(DOCS):
         ids = tok(doc)["input_ids"]
         with torch.no_grad():
             probs = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
@@ -250,6 +252,7 @@ def test_calibration_on_model_matches_slow_reference(tiny):
             conf = p.max().item()
             b = min(max(math.ceil(conf * 10) - 1, 0), 9)
             bins[b][0] += 1
+            counts_per_document[d][b] += 1
             bins[b][1] += conf
             bins[b][2] += float(p.argmax().item() == ids[t])
             brier += sum((p[v].item() - (v == ids[t])) ** 2 for v in range(p.numel()))
@@ -258,6 +261,7 @@ def test_calibration_on_model_matches_slow_reference(tiny):
     assert out["num_tokens"] == n
     assert out["ece"] == pytest.approx(ece, abs=1e-5)
     assert out["brier"] == pytest.approx(brier / n, abs=1e-5)
+    assert out["per_document"]["count"] == counts_per_document
 
 
 def test_score_documents_feeds_every_accumulator(tiny):
@@ -583,6 +587,31 @@ def test_run_evaluation_base_vs_adapter_writes_report(tiny_llama_dir, eval_asset
         assert 0 <= entry["calibration"]["ece"] <= 1 and 0 <= entry["calibration"]["brier"] <= 2
         assert len(entry["generation"]["sample"]["runs"]) == 2
         assert "rep-4" in entry["generation"]["human"]
+        # per-unit data for paired comparisons: per document (perplexity, calibration bins), per prompt (rep-n)
+        ppl, calib = entry["perplexity"], entry["calibration"]
+        assert len(ppl["per_document"]["nll"]) == results["num_documents"] == len(calib["per_document"]["count"])
+        assert sum(ppl["per_document"]["nll"]) == pytest.approx(ppl["nll_sum"])
+        assert sum(ppl["per_document"]["tokens"]) == ppl["num_tokens"] == calib["num_tokens"]
+        assert sum(ppl["per_document"]["words"]) == ppl["num_words"] == results["num_words"]
+        assert sum(map(sum, calib["per_document"]["count"])) == calib["num_tokens"]
+        for mode in ("sample", "greedy"):
+            for run in entry["generation"][mode]["runs"]:
+                assert set(run["per_prompt"]) == {"rep-1", "rep-2", "rep-3", "rep-4"}
+                assert sum(run["per_prompt"]["rep-4"]) / 4 == pytest.approx(run["rep-4"])
+    paired = results["paired"]["models"]["emo"]
+    assert results["paired"]["reference"] == "base" and list(results["paired"]["models"]) == ["emo"]
+    token = paired["perplexity"]["token"]
+    assert token["estimate"] == pytest.approx(emo["perplexity"]["token"] / base["perplexity"]["token"])
+    assert token["ci95"][0] <= token["estimate"] <= token["ci95"][1] and token["n"] == results["num_documents"]
+    ece = paired["calibration"]["ece"]["estimate"]
+    assert ece == pytest.approx(emo["calibration"]["ece"] - base["calibration"]["ece"], abs=1e-9)
+    assert paired["generation"]["greedy"]["rep-4"]["estimate"] == pytest.approx(
+        emo["generation"]["greedy"]["mean"]["rep-4"] - base["generation"]["greedy"]["mean"]["rep-4"]
+    )
+    mauve = paired["generation"]["sample"]["mauve"]
+    assert mauve["n"] == 2 and mauve["estimate"] == pytest.approx(
+        emo["generation"]["sample"]["mean"]["mauve"] - base["generation"]["sample"]["mean"]["mauve"]
+    )
     assert results["featurizer"] == tiny_llama_dir and results["num_prompts"] == 4
     for name in (
         "results.json",
@@ -594,12 +623,14 @@ def test_run_evaluation_base_vs_adapter_writes_report(tiny_llama_dir, eval_asset
         "training_curves.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    assert json.loads((out / "results.json").read_text())["models"][1]["label"] == "emo"
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     samples = [json.loads(line) for line in (out / "samples" / "emo.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 3 and {s["mode"] for s in samples} == {"sample", "greedy"}
     report = (out / "report.md").read_text()
     assert "| base | model |" in report and "| emo | adapter |" in report and "human text" in report
     assert f"MAUVE featurizer: **{tiny_llama_dir}**" in report
+    assert "## Paired differences against base" in report and "| emo | ppl/token |" in report
+    assert "| emo | rep-4 (sample) |" in report and "| emo | MAUVE (sample) |" in report
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no temporary folder left behind
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_evaluation(args)

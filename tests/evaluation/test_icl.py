@@ -398,6 +398,11 @@ def test_cli_icl_only_writes_results_report_and_plot(tiny_llama_dir, icl_assets,
     report = (out / "report.md").read_text()
     assert "## In-context learning" in report and "| base | " in report and "tiny (n=8)" in report
     assert "Paired difference against **base**" in report and "| emo | tiny | " in report
+    paired = results["paired"]["models"]["emo"]
+    assert list(paired) == ["icl"] and "## Paired differences against" not in report  # ICL has its own table
+    a, b = (m["icl"]["tiny"]["correct"] for m in results["models"][::-1])
+    assert paired["icl"]["tiny"]["estimate"] == pytest.approx((sum(a) - sum(b)) / 8)
+    assert paired["icl"]["tiny"]["mcnemar"]["a_only"] == sum(x > y for x, y in zip(a, b))
     assert (out / "icl_accuracy.png").stat().st_size > 0 and not (out / "samples").exists()
 
 
