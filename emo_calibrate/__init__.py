@@ -27,6 +27,8 @@ _LAZY = {
     "TrainingInterrupted": "emo_calibrate.training.callbacks",
     "NonFiniteTrainingError": "emo_calibrate.training.callbacks",
     "merge_adapter": "emo_calibrate.export.merge",
+    "lora_config": "emo_calibrate.training.lora_presets",
+    "LORA_PRESETS": "emo_calibrate.training.lora_presets",
 }
 
 __all__ = sorted(_LAZY)

