@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Download, into <repo>/.whl (git-ignored), the wheels that the GPU machine's image lacks or has in a version too old
 # for emo_calibrate, for CPython 3.12 on manylinux x86_64. The GPU machine has no network: run_gpu_proof.sh installs
-# exactly these files with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`.
+# exactly these files with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`. Being git-ignored, .whl/
+# reaches the GPU machine only when the device call names it in `carry` (carry: [".whl"]); run_gpu_proof.sh reads
+# the WHEELS list below and stops at once, saying so, when one of them is missing.
 #
 # What the image has (/work/.library/device/KINDS.md, read 2026-11): torch 2.11.0+cu130, transformers 5.17.0,
 # accelerate 1.15.0, huggingface_hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, numpy, pandas, pyarrow, xxhash,
@@ -13,7 +15,8 @@
 #   trl 1.16.0:          accelerate>=1.10.1, datasets>=4.7, pandas, psutil, pyarrow>=21, jinja2 (image: ok)
 #   datasets 5.2.0:      dill<0.4.2 and multiprocess<0.70.20 (missing: carried), fsspec<=2026.9.0 (image version
 #                        unknown, so pinned and carried), xxhash, pyarrow>=24 (image, version unknown, 40+ MB: not
-#                        carried; datasets does not check it at import and the proof avoids Arrow-heavy paths)
+#                        carried, it would not fit the 64 MiB carry limit beside these; the proof's environment check
+#                        (proof_env.py) stops with one line in its first seconds if the image's pyarrow is older)
 #   bitsandbytes 0.50.2: torch>=2.4, numpy, packaging (image: ok)
 #   peft 0.21.2:         carried so the version is the one we test against on CPU
 # Keep one version of each package here: two versions of one package stop the whole install.

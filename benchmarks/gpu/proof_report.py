@@ -22,19 +22,21 @@ def fits(peak_reserved_gib: float | None) -> dict[str, bool] | None:
 
 
 def compare_runs(runs: list[dict]) -> list[dict]:
-    """EMO/MLE ratios of step time, peak memory and tokens/s for each (model, batch) measured with both trainers."""
+    """EMO/MLE ratios of step time and memory for each (model, batch) measured with both trainers, in run order."""
     done = {(r["model"], r["batch_size"], r["trainer"]): r for r in runs if r.get("status") == "ok"}
     rows = []
     for (model, batch, trainer), emo in done.items():
         mle = done.get((model, batch, "mle"))
         if trainer != "emo" or mle is None:
             continue
-        row = {"model": model, "batch_size": batch}
-        for key in ("median_step_s", "peak_allocated_gib", "peak_reserved_gib"):
+        row = {"model": model, "batch_size": batch, "first": "emo" if emo.get("order") == 1 else "mle"}
+        for key in ("median_step_s", "peak_allocated_gib", "peak_above_resident_gib", "peak_reserved_gib"):
             a, b = emo.get(key), mle.get(key)
             row[f"{key}_ratio"] = a / b if a is not None and b else None
-        a, b = emo.get("peak_allocated_gib"), mle.get("peak_allocated_gib")
-        row["peak_allocated_extra_gib"] = a - b if a is not None and b is not None else None
+        for key in ("peak_allocated_gib", "peak_above_resident_gib"):
+            a, b = emo.get(key), mle.get(key)
+            row[f"{key}_extra"] = a - b if a is not None and b is not None else None
+        row["emo_workspace_gib"] = emo.get("emo_workspace_gib")
         row["time_within_target"] = _within(row["median_step_s_ratio"])
         row["memory_within_target"] = _within(row["peak_allocated_gib_ratio"])
         rows.append(row)
@@ -53,64 +55,93 @@ def _fmt(value, spec=".2f"):
     return format(value, spec)
 
 
-def markdown(results: dict) -> str:
-    """One table row per run (model, batch, trainer), then the EMO/MLE ratios and the merge check."""
-    lines = [
+def _header(results: dict) -> list[str]:
+    versions, settings = results.get("versions", {}), results["settings"]
+    names = ("torch", "transformers", "trl", "peft", "bitsandbytes")
+    floor = results.get("emo_workspace_floor_gib")
+    return [
         f"### GPU proof: {results.get('device', '?')}",
         "",
-        f"torch {results.get('versions', {}).get('torch', '?')}, transformers "
-        f"{results.get('versions', {}).get('transformers', '?')}, trl {results.get('versions', {}).get('trl', '?')}, "
-        f"peft {results.get('versions', {}).get('peft', '?')}, bitsandbytes "
-        f"{results.get('versions', {}).get('bitsandbytes', '?')}. Base: {results.get('base', '?')} "
-        f"({results['settings'].get('dtype', '?')} compute), "
-        f"LoRA r={results['settings']['lora_r']} on all linear layers, sequence {results['settings']['seq_len']}, "
-        f"gradient checkpointing, {results['settings']['steps']} timed steps after {results['settings']['warmup']} "
-        "warm-up steps. Fits X GB: peak reserved + 0.5 GiB CUDA context <= X GiB.",
+        ", ".join(f"{name} {versions.get(name, '?')}" for name in names) + ". "
+        f"Base: {results.get('base', '?')} ({settings.get('dtype', '?')} compute), LoRA r={settings['lora_r']} on all "
+        f"linear layers, sequence {settings['seq_len']}, gradient checkpointing, {settings['steps']} timed steps after "
+        f"{settings['warmup']} warm-up steps; the runs in the order made (#), the two trainers of a (model, batch) "
+        "pair back to back, which one goes first alternating from pair to pair.",
         "",
-        "| model | batch | trainer | status | peak alloc GiB | peak reserved GiB | median step s | tokens/s "
-        "| fits 24 / 40 / 80 GB |",
-        "|---|---:|---|---|---:|---:|---:|---:|---|",
+        "Memory (GiB, CUDA): *resident* = allocated when the first step begins (4-bit weights, LoRA adapters); *peak* "
+        "= peak allocated over the run; *above resident* = peak - resident (activations, loss head, gradients, "
+        "optimizer state); *reserved* = the caching allocator's peak. *EMO workspace* = the fused EMO head's two fp32 "
+        "(chunk, V) buffers at this shape, inside EMO's peak: the automatic chunk rule sizes them to the hidden "
+        f"states' bytes within [{_fmt(floor, '.3g')}, 2] GiB on this device (the floor is 1 GiB on a GPU; rounding to "
+        "whole 8-token chunks takes up to 1 % off it), less only when the whole batch needs less. "
+        f"Fits X GB: peak reserved + {CONTEXT_GIB} GiB CUDA context <= X GiB.",
+        "",
+        "| # | model | batch | trainer | status | resident | peak | above resident | reserved | EMO workspace "
+        "| median step s | tokens/s | fits 24 / 40 / 80 GB |",
+        "|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in results["runs"]:
+
+
+def markdown(results: dict) -> str:
+    """One table row per run (in run order), then the EMO/MLE ratios, the merge check and what was not measured."""
+    lines = _header(results)
+    for number, r in enumerate(results["runs"], start=1):
         fit = r.get("fits") or {}
         fit_text = " / ".join(_fmt(fit.get(str(size))) for size in FIT_SIZES_GB) if fit else "-"
         lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['trainer']} | {r['status']} | "
-            f"{_fmt(r.get('peak_allocated_gib'))} | {_fmt(r.get('peak_reserved_gib'))} | "
-            f"{_fmt(r.get('median_step_s'), '.3f')} | {_fmt(r.get('tokens_per_s'), '.0f')} | {fit_text} |"
+            f"| {number} | {r['model']} | {r['batch_size']} | {r['trainer']} | {r['status']} | "
+            f"{_fmt(r.get('resident_gib'))} | {_fmt(r.get('peak_allocated_gib'))} | "
+            f"{_fmt(r.get('peak_above_resident_gib'))} | {_fmt(r.get('peak_reserved_gib'))} | "
+            f"{_fmt(r.get('emo_workspace_gib'), '.3g')} | {_fmt(r.get('median_step_s'), '.3f')} | "
+            f"{_fmt(r.get('tokens_per_s'), '.0f')} | {fit_text} |"
         )
     if results.get("comparisons"):
         lines += [
             "",
-            f"EMO / MLE (target <= {TARGET_RATIO}):",
+            f"EMO / MLE (targets: step time and peak <= {TARGET_RATIO}x):",
             "",
-            "| model | batch | step time | peak alloc | peak reserved | EMO - MLE peak alloc GiB | time ok | memory ok |",
-            "|---|---:|---:|---:|---:|---:|---|---|",
+            "| model | batch | first | step time | peak | above resident | reserved | EMO - MLE peak GiB "
+            "| EMO - MLE above resident GiB | time ok | memory ok |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for c in results["comparisons"]:
             lines.append(
-                f"| {c['model']} | {c['batch_size']} | {_fmt(c['median_step_s_ratio'], '.3f')} | "
-                f"{_fmt(c['peak_allocated_gib_ratio'], '.3f')} | {_fmt(c['peak_reserved_gib_ratio'], '.3f')} | "
-                f"{_fmt(c['peak_allocated_extra_gib'], '+.2f')} | "
+                f"| {c['model']} | {c['batch_size']} | {c['first']} | {_fmt(c['median_step_s_ratio'], '.3f')} | "
+                f"{_fmt(c['peak_allocated_gib_ratio'], '.3f')} | {_fmt(c['peak_above_resident_gib_ratio'], '.3f')} | "
+                f"{_fmt(c['peak_reserved_gib_ratio'], '.3f')} | {_fmt(c['peak_allocated_gib_extra'], '+.2f')} | "
+                f"{_fmt(c['peak_above_resident_gib_extra'], '+.2f')} | "
                 f"{_fmt(c['time_within_target'])} | {_fmt(c['memory_within_target'])} |"
             )
-    merge = results.get("merge")
-    if merge:
-        lines += ["", f"Merge check ({merge.get('model')}, {merge.get('method', '?')}): {merge.get('status')}"]
-        if merge.get("parity"):
-            p = merge["parity"]
-            lines.append(
-                f"max |softmax diff| {_fmt(p.get('max_abs_prob_diff'), '.2e')}, max |logit diff| "
-                f"{_fmt(p.get('max_abs_logit_diff'), '.2e')}, top-1 agreement {_fmt(p.get('top1_agreement'), '.4f')}, "
-                f"adapter effect (max |softmax change| vs the base) {_fmt(p.get('adapter_effect'), '.2e')}"
-            )
+    lines += _merge_lines(results.get("merge"))
     if results.get("nf4_cpu_vs_cuda"):
         lines += ["", f"NF4 codes of one bf16 weight quantised on CPU vs CUDA: {results['nf4_cpu_vs_cuda']}"]
     skipped = [r for r in results["runs"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"{r['model']} b{r['batch_size']} {r['trainer']}: "
                                                    f"{r['status']}" for r in skipped)]  # fmt: skip
+    if results.get("verdict"):
+        lines += ["", f"Verdict: {results['verdict']}"]
     return "\n".join(lines) + "\n"
+
+
+def _merge_lines(merge: dict | None) -> list[str]:
+    if not merge:
+        return []
+    lines = ["", f"Merge check ({merge.get('model')}, {merge.get('method', '?')}): {merge.get('status')}"]
+    p = merge.get("parity")
+    if p:
+        checks = p.get("checks", {})
+        failed = [name for name, ok in checks.items() if not ok]
+        lines.append(
+            f"mean KL(adapter || merged) {_fmt(p.get('mean_kl'), '.2e')} = {_fmt(p.get('kl_share'), '.2e')} x the "
+            f"adapter's own mean KL(adapter || base) {_fmt(p.get('adapter_kl'), '.2e')}; top-1 agreement with the "
+            f"adapter model: merged {_fmt(p.get('top1_agreement'), '.4f')}, base "
+            f"{_fmt(p.get('adapter_top1_agreement'), '.4f')}; max |logit diff| {_fmt(p.get('max_abs_logit_diff'), '.2e')}"
+            f" vs the adapter's max |logit change| {_fmt(p.get('adapter_effect_logits'), '.2e')}; max |softmax diff| "
+            f"{_fmt(p.get('max_abs_prob_diff'), '.2e')} (shown, not judged). Failed criteria: "
+            f"{', '.join(failed) or 'none'}."
+        )
+    return lines
 
 
 def _write_atomic(path: str, text: str) -> None:

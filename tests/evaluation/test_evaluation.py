@@ -689,7 +689,14 @@ def test_run_evaluation_on_cuda(tiny_llama_dir, eval_assets, tmp_path):
     from emo_calibrate.evaluation.arguments import EvalArguments
     from emo_calibrate.evaluation.runner import run_evaluation
 
-    common = dict(**_tiny_eval_settings(tiny_llama_dir, eval_assets), seeds=[0], decoding=["greedy"])
+    # No MAUVE: mauve-text and faiss are not on the GPU image (benchmarks/gpu/device_image.py), and this test compares
+    # perplexity and calibration only. tests/gpu/test_device_image.py runs these settings with the image's packages.
+    common = {
+        **_tiny_eval_settings(tiny_llama_dir, eval_assets),
+        "featurizer": "none",
+        "seeds": [0],
+        "decoding": ["greedy"],
+    }
     on_gpu = run_evaluation(EvalArguments(**common, device="cuda", output_dir=str(tmp_path / "gpu")))
     on_cpu = run_evaluation(EvalArguments(**common, device="cpu", output_dir=str(tmp_path / "cpu")))
     assert on_gpu["device"] == "cuda"
