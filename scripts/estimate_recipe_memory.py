@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from measure_recipe_memory import SHAPES  # noqa: E402  the published shapes of each model
 
 from emo_calibrate.losses.fused import FP32_BUFFERS_PER_TOKEN, auto_chunk_size  # noqa: E402
+from emo_calibrate.training.lora_presets import LORA_PRESETS, resolve_target_modules  # noqa: E402
 
 
 GIB = 2**30
@@ -39,7 +40,7 @@ RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def estimate(name: str) -> dict:
-    """Bytes per term for recipes/<name>_qlora_emo.yaml."""
+    """Bytes per term for recipes/<name>_qlora_emo.yaml (its LoRA preset or explicit LoRA options)."""
     with open(os.path.join(RECIPES, f"{name}_qlora_emo.yaml")) as f:
         recipe = yaml.safe_load(f)
     shape = SHAPES[name][1]
@@ -50,12 +51,17 @@ def estimate(name: str) -> dict:
         shape["vocab_size"],
     )
     kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    batch, length, rank = recipe["per_device_train_batch_size"], recipe["max_length"], recipe["lora_r"]
+    preset = LORA_PRESETS[recipe["lora_preset"]] if "lora_preset" in recipe else None
+    rank = recipe.get("lora_r", preset.r if preset else 16)
+    targets = recipe.get("lora_target_modules", preset.target_modules if preset else None)
+    batch, length = recipe["per_device_train_batch_size"], recipe["max_length"]
     tokens = batch * length
     # (in, out) of the seven linear layers of a block: q, k, v, o, gate, up, down
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     linears = [(d, d), (d, kv), (d, kv), (d, d), (d, ffn), (d, ffn), (ffn, d)]
     body = layers * sum(i * o for i, o in linears)
-    lora = layers * sum(rank * (i + o) for i, o in linears)
+    adapted = names if targets == "all-linear" else resolve_target_modules(targets, "llama")  # PEFT: q_proj, v_proj
+    lora = layers * sum(rank * (i + o) for n, (i, o) in zip(names, linears) if n in adapted)
     chunk = auto_chunk_size(tokens, vocab, tokens * d * 2, "cuda")
     terms = {
         "4-bit body": body * (0.5 + 1 / 64 + 4 / (64 * 256)),

@@ -370,7 +370,9 @@ def validate_trainer_inputs(model, args, pargs: tuple = (), kwargs: dict | None 
     processing_class = bound.get("processing_class")
     if isinstance(model, str):
         revision, cache_dir = init_kwargs.get("revision"), init_kwargs.get("cache_dir")
-        config = check_causal_lm(model, revision=revision, trust_remote_code=args.trust_remote_code, cache_dir=cache_dir)
+        config = check_causal_lm(
+            model, revision=revision, trust_remote_code=args.trust_remote_code, cache_dir=cache_dir
+        )
         check_lora_targets(bound.get("peft_config"), config.model_type)
         check_model_weights(os.path.expanduser(model), allow_pickle=init_kwargs.get("use_safetensors") is False)
         # Safe by default: transformers must not fall back to pickle weights unless the user allowed it.

@@ -40,8 +40,8 @@ def test_the_expected_recipes_exist():
 def test_recipe_parses_and_documents_itself(path):
     text = path.read_text()
     keys = yaml.safe_load(text)
-    script_args, training_args, model_args, _, _ = parse_recipe(path)
-    parsed = {**vars(script_args), **vars(model_args), **training_args.to_dict()}
+    script_args, training_args, model_args, options, _ = parse_recipe(path)
+    parsed = {**vars(script_args), **vars(model_args), **training_args.to_dict(), **vars(options)}
     for key, value in keys.items():  # every key is an option name and arrives with the recipe's value
         got = parsed[key]
         if key == "report_to":
@@ -88,7 +88,9 @@ def test_7b_recipes_have_the_papers_calibration_settings(path):
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
     lora = get_peft_config(model_args)
-    assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, "all-linear")
+    # the official EMO LoRA setting, by name: PEFT's default modules for the family (q_proj + v_proj)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (32, 16, 0.05, None)
+    assert "lora_preset: official" in path.read_text() and "finetune_lora.sh" in path.read_text()
     assert script_args.dataset_name and script_args.dataset_test_split == "test"
     header = path.read_text().split("\n###")[0]
     assert "emo-calibrate data" in header and "UNVERIFIED" in header and "GB" in header
