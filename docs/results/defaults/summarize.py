@@ -1,0 +1,210 @@
+"""Defaults study (issue 19): every EMO checkpoint against its MLE twin at the same step, from `emo-calibrate eval`
+reports, as a table (summary.md, summary.json) and one plot (tradeoff.png: perplexity cost against repetition
+reduction, a curve per setting through its checkpoints).
+
+Labels follow `<lora>_<weighting>-<step>` (e.g. `off_emo-104`; `off` = the official LoRA setting, `lin` = all-linear;
+`mle`, `emo` = emo_anchored, `mla` = mle_anchored); the twin of `off_emo-104` is `off_mle-104`. A `base` model, when
+present, gives each checkpoint's perplexity relative to the starting model (what the perplexity budget watches).
+
+    python docs/results/defaults/summarize.py --reports runs/study19/eval/base runs/study19/eval/step-* \
+        --runs runs/study19 --output docs/results/defaults
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+
+from emo_calibrate.evaluation import merge_results, paired_statistics  # noqa: E402
+
+
+LABEL = re.compile(r"^(?P<lora>[a-z]+)_(?P<weighting>[a-z]+)-(?P<step>\d+)$")
+GOAL = {"ppl": 1.05, "ece": 1.5, "rep4": 0.6}  # issue 19: ratios to the MLE twin a default should meet
+
+
+def load(folders: list[str]) -> dict:
+    results = []
+    for folder in folders:
+        with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+            results.append(json.load(f))
+    return merge_results(*results) if len(results) > 1 else results[0]
+
+
+def _ratio(entry: dict) -> float | None:
+    return entry["model"] / entry["reference"] if entry and entry["reference"] else None
+
+
+def rows(results: dict) -> list[dict]:
+    """One row per EMO checkpoint with a twin: the paired statistics against the twin (and against `base`)."""
+    labels = [m["label"] for m in results["models"]]
+    against_base = paired_statistics(results, "base")["models"] if "base" in labels else {}
+    out = []
+    for label in labels:
+        match = LABEL.match(label)
+        if not match or match["weighting"] == "mle":
+            continue
+        twin = f"{match['lora']}_mle-{match['step']}"
+        if twin not in labels:
+            continue
+        pair = paired_statistics(results, twin)["models"][label]
+        ppl = pair["perplexity"]["token"]
+        ece = pair["calibration"]["ece"]
+        rep4 = pair.get("generation", {}).get("greedy", {}).get("rep-4")
+        row = dict(
+            label=label,
+            setting=f"{match['lora']}_{match['weighting']}",
+            step=int(match["step"]),
+            ppl_ratio=ppl["estimate"],
+            ppl_ci=ppl["ci95"],
+            ece=ece["model"],
+            ece_twin=ece["reference"],
+            ece_ratio=_ratio(ece),
+            ece_diff_ci=ece["ci95"],
+            rep4=rep4 and rep4["model"],
+            rep4_twin=rep4 and rep4["reference"],
+            rep4_ratio=_ratio(rep4),
+            rep4_diff_ci=rep4 and rep4["ci95"],
+            ppl_vs_base=against_base.get(label, {}).get("perplexity", {}).get("token", {}).get("estimate"),
+            twin_ppl_vs_base=against_base.get(twin, {}).get("perplexity", {}).get("token", {}).get("estimate"),
+        )
+        row["meets_goal"] = (
+            row["ppl_ratio"] <= GOAL["ppl"]
+            and row["ece_ratio"] is not None
+            and row["ece_ratio"] <= GOAL["ece"]
+            and row["rep4_ratio"] is not None
+            and row["rep4_ratio"] <= GOAL["rep4"]
+        )
+        out.append(row)
+    return sorted(out, key=lambda r: (r["setting"], r["step"]))
+
+
+def training_windows(runs_dir: str, window: int = 52) -> list[dict]:
+    """Per `window` steps, each EMO run's mean training cross-entropy (`mle`) and next-token entropy against its MLE
+    twin's, from the runs' own logs. In one epoch every batch is new when it is scored, so this is a held-out-like
+    estimate on the training distribution, at every step and for free."""
+    logs = {}
+    for name in sorted(os.listdir(runs_dir)):
+        path = os.path.join(runs_dir, name, "trainer_state.json")
+        checkpoints = sorted(
+            glob.glob(os.path.join(runs_dir, name, "checkpoint-*")), key=lambda p: int(p.split("-")[-1])
+        )
+        if not os.path.isfile(path) and checkpoints:  # a run still training: its latest checkpoint's log
+            path = os.path.join(checkpoints[-1], "trainer_state.json")
+        if "_" in name and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                logs[name] = [e for e in json.load(f)["log_history"] if "mle" in e and "eval_mle" not in e]
+    out = []
+    for name, entries in logs.items():
+        lora, weighting = name.split("_", 1)
+        twin = logs.get(f"{lora}_mle")
+        if weighting == "mle" or twin is None:
+            continue
+        last = max(e["step"] for e in entries)
+        for end in range(window, last + window, window):
+            mine = [e for e in entries if end - window < e["step"] <= end]
+            theirs = [e for e in twin if end - window < e["step"] <= end]
+            if not mine or not theirs:
+                continue
+            mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+            out.append(
+                dict(
+                    setting=name,
+                    steps=f"{end - window + 1}-{min(end, last)}",
+                    train_ppl_ratio=math.exp(mean(mine, "mle") - mean(theirs, "mle")),
+                    entropy=mean(mine, "entropy"),
+                    entropy_twin=mean(theirs, "entropy"),
+                )
+            )
+    return out
+
+
+def training_table(windows: list[dict]) -> str:
+    lines = [
+        "| setting | steps | training perplexity / twin's | next-token entropy (twin) |",
+        "|---|---|---|---|",
+    ]
+    for w in windows:
+        lines.append(
+            f"| {w['setting']} | {w['steps']} | {w['train_ppl_ratio']:.3f} | {w['entropy']:.2f} ({w['entropy_twin']:.2f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _f(value, digits=3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(ci, digits=3) -> str:
+    return "" if not ci else f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def table(table_rows: list[dict]) -> str:
+    lines = [
+        "| setting | step | ppl / twin [95 %] | ppl / start (twin) | ECE (twin) | ECE / twin | greedy rep-4 (twin) "
+        "| rep-4 / twin (diff. [95 %]) | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table_rows:
+        ppl_ci = f" [{r['ppl_ci'][0]:.3f}, {r['ppl_ci'][1]:.3f}]" if r["ppl_ci"] else ""
+        lines.append(
+            f"| {r['setting']} | {r['step']} | {r['ppl_ratio']:.3f}{ppl_ci} | {_f(r['ppl_vs_base'])} "
+            f"({_f(r['twin_ppl_vs_base'])}) | {_f(r['ece'])} ({_f(r['ece_twin'])}) | {_f(r['ece_ratio'], 2)} | "
+            f"{_f(r['rep4'])} ({_f(r['rep4_twin'])}) | {_f(r['rep4_ratio'], 2)}{_ci(r['rep4_diff_ci'])} | "
+            f"{'yes' if r['meets_goal'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table_rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for setting in sorted({r["setting"] for r in table_rows}):
+        points = [r for r in table_rows if r["setting"] == setting and r["rep4_ratio"] is not None]
+        if not points:
+            continue
+        xs = [100 * (1 - r["rep4_ratio"]) for r in points]
+        ys = [r["ppl_ratio"] for r in points]
+        ax.plot(xs, ys, marker="o", label=setting)
+        for x, y, r in zip(xs, ys, points):
+            ax.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(GOAL["ppl"], color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(100 * (1 - GOAL["rep4"]), color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("greedy rep-4 reduction against the MLE twin (%)")
+    ax.set_ylabel("held-out perplexity / MLE twin's")
+    ax.set_title("EMO: repetition bought against perplexity (labels: step)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reports", nargs="+", required=True, help="emo-calibrate eval output folders")
+    parser.add_argument("--runs", help="the runs' folder: adds the training-log comparison per 52-step window")
+    parser.add_argument("--output", required=True, help="folder for summary.md, summary.json, tradeoff.png")
+    args = parser.parse_args(argv)
+    table_rows = rows(load(args.reports))
+    windows = training_windows(args.runs) if args.runs else []
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"checkpoints": table_rows, "training_windows": windows}, f, indent=1)
+    text = table(table_rows) + ("\n" + training_table(windows) if windows else "")
+    with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    plot(table_rows, os.path.join(args.output, "tradeoff.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
