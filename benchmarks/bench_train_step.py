@@ -156,7 +156,11 @@ def worker(config_name, trainer_name, warmup, steps, device, precision):
         if trainer_name == "sft":
             cls, args = SFTTrainer, SFTConfig(**common)
         else:
-            cls, args = EMOTrainer, EMOConfig(**common, emo_fused_head=trainer_name == "emo")
+            # no perplexity budget: the same rows and steps as SFTTrainer, no evaluations in the timing
+            cls, args = (
+                EMOTrainer,
+                EMOConfig(**common, emo_fused_head=trainer_name == "emo", emo_guard_max_ppl_ratio=None),
+            )
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0)
         trainer = cls(
             model,

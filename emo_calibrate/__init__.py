@@ -17,7 +17,7 @@ _LAZY = {
     "EMOTrainer": "emo_calibrate.training.trainer",
     "build_calibration_set": "emo_calibrate.data",
     "load_calibration_set": "emo_calibrate.data",
-    "CalibrationGuard": "emo_calibrate.training.callbacks",
+    "PerplexityBudget": "emo_calibrate.training.perplexity_budget",
     "EvalArguments": "emo_calibrate.evaluation.arguments",
     "run_evaluation": "emo_calibrate.evaluation.runner",
     "evaluate_perplexity": "emo_calibrate.evaluation.perplexity",

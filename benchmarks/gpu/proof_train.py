@@ -109,7 +109,8 @@ def _training_arguments(kind: str, batch_size: int, args, device: str, dtype):
     )
     if kind == "mle":
         return SFTConfig(**values)
-    return EMOConfig(**values, emo_chunk_size=args.emo_chunk_size)
+    # no perplexity budget: the EMO run must train exactly like its SFTTrainer twin (no hold-out, no evaluations)
+    return EMOConfig(**values, emo_chunk_size=args.emo_chunk_size, emo_guard_max_ppl_ratio=None)
 
 
 def run_one(kind, model, tokenizer, dataset, batch_size, args, device, dtype, log, stop_now=None) -> dict:

@@ -57,8 +57,9 @@ class TrainOptions:
     perplexity: bool = field(
         default=True,
         metadata={
-            "help": "Measure held-out perplexity (exp of the mean token cross-entropy) on the test split before and "
-            "after training, when a test split exists. Costs two passes over it."
+            "help": "Measure held-out perplexity (exp of the mean token cross-entropy) before and after training on "
+            "the test split, or on the perplexity budget's automatic hold-out when there is none. Costs two passes "
+            "over it (none before training while the budget is on: its start evaluation is the 'before')."
         },
     )
     lora_preset: str | None = field(
@@ -75,7 +76,8 @@ class TrainOptions:
     generation_sample: bool = field(
         default=True,
         metadata={
-            "help": "When a test split exists, greedily continue a few held-out prompts (8 x 64 tokens, one batch) "
+            "help": "With a test split (or the perplexity budget's automatic hold-out), greedily continue a few "
+            "held-out prompts (8 x 64 tokens, one batch) "
             "before and after training, and print their repetition (rep-4) and one continuation side by side. An "
             "illustration, not a measurement (use `emo-calibrate eval`)."
         },
@@ -260,11 +262,12 @@ def _select_splits(dataset, script_args, training_args):
     train = dataset[script_args.dataset_train_split]
     _check_columns(train, name, training_args.dataset_text_field)
     test = dataset.get(script_args.dataset_test_split)
-    if test is None and training_args.eval_strategy != "no":
+    holds_out = training_args.emo_guard_max_ppl_ratio is not None and training_args.emo_guard_holdout > 0
+    if test is None and training_args.eval_strategy != "no" and not holds_out:  # else the budget holds rows out
         raise SystemExit(
             f"{PROG}: eval_strategy={training_args.eval_strategy!r} needs a test split, but {name!r} has no "
-            f"{script_args.dataset_test_split!r} split (it has {list(dataset)}). Pass --dataset_test_split NAME or "
-            "--eval_strategy no."
+            f"{script_args.dataset_test_split!r} split (it has {list(dataset)}) and the perplexity budget holds none "
+            "out. Pass --dataset_test_split NAME, --emo_guard_holdout 0.02, or --eval_strategy no."
         )
     return train, test
 
@@ -381,17 +384,23 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
         )
     _check_max_length(trainer, training_args, say)
     use_quiet_progress(trainer)
-    measure = options.perplexity and eval_dataset is not None
-    ppl_before = heldout_perplexity(trainer) if measure else None
+    budget = trainer.perplexity_budget
+    heldout = eval_dataset if eval_dataset is not None else budget.heldout_dataset  # the test split, else automatic
+    measure = options.perplexity and heldout is not None
+    # While the budget is on, its evaluation of the starting model is the "before" (one pass fewer).
+    ppl_before = heldout_perplexity(trainer) if measure and not budget.active else None
     if ppl_before is not None:
         say(f"[emo-calibrate] held-out perplexity before calibration: {ppl_before:.2f}")
     sample, heldout_note = None, None
-    if eval_dataset is None:
+    if heldout is None:
         heldout_note = f"none: the dataset has no {script_args.dataset_test_split!r} split (--dataset_test_split NAME)"
     elif options.generation_sample:
-        sample, heldout_note = start_generation_sample(trainer, eval_dataset, training_args.dataset_text_field)
+        sample, heldout_note = start_generation_sample(trainer, heldout, training_args.dataset_text_field)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    ppl_after = heldout_perplexity(trainer) if measure else None
+    ppl_after = None
+    if measure:  # the budget measured the weights it kept (None: not evaluated, e.g. a last step off its schedule)
+        ppl_before = budget.start_ppl if budget.active else ppl_before
+        ppl_after = (budget.current_ppl() if budget.active else None) or heldout_perplexity(trainer)
     if sample is not None:
         sample.after_training(trainer)
     _save(trainer, training_args.output_dir)
@@ -406,9 +415,10 @@ def main(script_args, training_args, model_args, options: TrainOptions | None = 
         ppl_after=ppl_after,
         generation=sample,
         heldout_note=heldout_note,
-        eval_rows=len(eval_dataset) if eval_dataset is not None else 0,
-        dataset=dataset_label,
+        eval_rows=len(heldout) if heldout is not None else 0,
+        dataset=dataset_label + (" (held out automatically)" if eval_dataset is None and heldout is not None else ""),
         eval_data=script_args.dataset_name if eval_dataset is not None else None,
+        budget=budget.describe(),
         weighting=training_args.emo_weighting,
         seconds=time.perf_counter() - start,
     )

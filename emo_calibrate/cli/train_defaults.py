@@ -129,7 +129,10 @@ def calibration_defaults(given: dict) -> tuple[str, tuple[Setting, ...]]:
     Returns:
         `tuple[str, tuple[Setting, ...]]`: the hardware kind (`"cuda"` or `"cpu"`) and the settings.
     """
+    from ..training.config import EMOConfig
+
     kind, bf16_ok = detect_hardware(given)
+    budget = EMOConfig.__dataclass_fields__["emo_guard_max_ppl_ratio"].default  # printed, not changed
     lora = given.get("use_peft", True)
     if kind == "cuda":
         dtype, name = ("bfloat16", "bf16") if bf16_ok else ("float16", "fp16 (this GPU has no bf16)")
@@ -191,6 +194,12 @@ def calibration_defaults(given: dict) -> tuple[str, tuple[Setting, ...]]:
         Setting("save_steps", 100, "every 100 steps (--resume_from_checkpoint continues a stopped run)"),
         Setting("save_total_limit", 2, "keep the last 2 checkpoints"),
         Setting("logging_steps", 10, "log mle / emo every 10 steps (trainer_state.json in output_dir)"),
+        Setting(
+            "emo_guard_max_ppl_ratio",
+            budget,
+            f"perplexity budget: stop once held-out perplexity passes {budget}x the start's, keep the last evaluated "
+            "step inside it (null = off)",
+        ),
         Setting("output_dir", _output_dir(given.get("model_name_or_path")), "where the adapter and checkpoints go"),
     ]
     settings = precision + (adapters if lora else []) + batch + training

@@ -4,7 +4,7 @@
 - `GenerationSample`: greedy continuations of a few held-out prompts, before and after, with their repetition
   (rep-4, the share of repeated 4-grams) and one continuation shown side by side: what calibration did, visible in a
   minute. A few prompts illustrate; `emo-calibrate eval` measures (many prompts, sampling, MAUVE, intervals);
-- `print_summary`: the closing block.
+- `print_summary`: the closing block (with the perplexity budget's one line: `PerplexityBudget.describe`).
 """
 
 import math
@@ -166,6 +166,8 @@ def print_summary(summary: dict, tokenizer=None):
             f"  held-out perplexity  {before:.2f} before -> {after:.2f} after ({100 * (after / before - 1):+.1f} %) on "
             f"{summary['eval_rows']} held-out rows of {summary['dataset']}"
         )
+    if summary.get("budget"):  # one line, however long: what the budget did
+        lines.append(f"  perplexity budget    {summary['budget']}")
     sample = summary.get("generation")
     if sample is not None and sample.after:
         lines += sample.lines(tokenizer, width)

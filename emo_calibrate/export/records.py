@@ -33,10 +33,12 @@ _RUN_FIELDS = (
 )  # fmt: skip
 
 
-def save_training_record(model, output_dir: str | os.PathLike, args=None, state=None) -> str:
+def save_training_record(model, output_dir: str | os.PathLike, args=None, state=None, budget=None) -> str:
     """Write `output_dir/emo_training.json` for `model` (a `PeftModel` or a plain model, unwrapped from any accelerator
     wrapper) trained with `args` (an `EMOConfig`: its `emo_*` fields and `_RUN_FIELDS`) up to `state` (`TrainerState`:
-    the global step and the last logged loss). Returns the path written."""
+    the global step and the last logged loss). `budget` is what the perplexity budget recorded (`PerplexityBudget.
+    record()`: the budget, how its held-out split was made, the start perplexity, the kept step). Returns the path
+    written."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dtype = str(base.dtype).removeprefix("torch.")
     names = [f.name for f in dataclasses.fields(args) if f.name.startswith("emo_")] if args is not None else []
@@ -56,6 +58,7 @@ def save_training_record(model, output_dir: str | os.PathLike, args=None, state=
         "base_dtype": dtype,
         "quantization": quantization,
         "settings": settings,
+        "perplexity_budget": budget,
     }
     path = os.path.join(output_dir, RECORD_NAME)
     with open(path, "w") as f:

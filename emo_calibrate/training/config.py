@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .holdout import HOLDOUT_MAX_ROWS
 from .validation import check_config_loss_options, check_mixed_precision_request
 
 
@@ -15,7 +16,7 @@ __all__ = ["EMOConfig", "COST_EMBEDDING_KEYWORDS"]
 
 COST_EMBEDDING_KEYWORDS = ("frozen", "adaptive")
 WEIGHTING_CHOICES = ("emo_anchored", "mle_anchored", "mle")
-# Metrics (logged by EMOTrainer and the calibration guard) for which lower is better.
+# Metrics (logged by EMOTrainer and the perplexity budget) for which lower is better.
 _LOWER_IS_BETTER = ("mle", "emo", "emd", "ppl", "ppl_ratio")
 
 
@@ -61,17 +62,36 @@ class EMOConfig(SFTConfig):
     emo_chunk_size (`int`, *optional*):
         Tokens per chunk of the fused head. Default: chosen from the vocabulary and hidden sizes.
 
-    > Parameters of the calibration guard (active only when an eval dataset is given and `eval_strategy` is not "no")
+    > Parameters of the perplexity budget (on by default: a run stops before it damages the model it calibrates)
 
-    emo_guard_max_ppl_ratio (`float`, *optional*, defaults to `1.2`):
-        The guard evaluates the starting model once (it switches `eval_on_start` on), then logs `eval_ppl` and
-        `eval_ppl_ratio` (held-out perplexity over the starting one) at every evaluation and warns when the ratio
-        exceeds this bound. `None` turns the guard off. To keep the best checkpoint, use the Trainer's
-        `load_best_model_at_end=True`: without `metric_for_best_model` it keeps the lowest `eval_mle` (held-out
-        cross-entropy), not the lowest loss, which under the default `emo_subtract_target_mass` rises as the model
-        becomes confidently right (`"ppl"`, `"ppl_ratio"`, `"emd"` are lower-is-better too).
-    emo_guard_stop (`bool`, *optional*, defaults to `False`):
-        Stop training at the first evaluation whose ratio exceeds `emo_guard_max_ppl_ratio`.
+    emo_guard_max_ppl_ratio (`float`, *optional*, defaults to `1.05`):
+        The budget: held-out perplexity over the starting model's. The starting model is evaluated once
+        (`eval_on_start` is switched on), then the held-out split every `emo_guard_eval_steps`; each evaluation logs
+        `eval_ppl` and `eval_ppl_ratio` (and, at the first, `eval_ppl_start`). At each evaluation inside the budget
+        the trainable weights are copied to CPU memory (a few MB for LoRA; for full fine-tuning a copy of every
+        trainable weight); at the first one past it, training stops and those weights are put back, so that
+        `save_model()` saves the last evaluated step inside the budget, not the last step. Why 1.05: in the one-epoch
+        study (docs/results/study/README.md) EMO's held-out cross-entropy stayed flat for ~100 of 312 steps, then
+        rose steadily to 2.1x perplexity by the end; 1.05 stops early on that rise (where along it the drop in greedy
+        repetition is earned was not measured). `None` turns the budget off: no evaluation, no hold-out. Cost: the
+        evaluations (see `emo_guard_eval_steps`) and the copies.
+    emo_guard_stop (`bool`, *optional*, defaults to `True`):
+        Stop at the first evaluation past the budget and keep the last weights inside it. `False`: warn, train on to
+        the end and keep the last step. With `load_best_model_at_end=True` the Trainer's best checkpoint is kept
+        instead (the budget only stops).
+    emo_guard_eval_steps (`float`, *optional*, defaults to `0.1`):
+        How often the budget evaluates when `eval_strategy="no"` (otherwise the user's schedule is kept): a fraction
+        `< 1` of the run's optimizer steps (`0.1`: every 10 %, i.e. 10 evaluations plus the start, whatever the
+        length of the run), or a number of steps. Each evaluation is one forward pass over the held-out split (about
+        a third of a training step per token), so the default adds about 11/3 x (held-out tokens) / (training
+        tokens) to the training time: ~7 % for the default 2 % hold-out and one epoch, far more for a large given
+        eval split or a short run on much data (then raise this, or give a smaller eval split).
+    emo_guard_holdout (`float`, *optional*, defaults to `0.02`):
+        When the data has no eval split: the share of the training rows held out by document (a fraction `< 1`, at
+        most 1000 rows; or a number of rows), seeded by `data_seed` (else `seed`) and written to `emo_training.json`.
+        Rows sharing a `document` / `document_id` / `doc_id` / `title` / `id` value are held out together; without
+        such a column, a few contiguous spans of rows are (consecutive sentences of one article stay together). These
+        rows are not trained on. `0`: no automatic hold-out; the budget is then off unless an eval split is given.
 
     > Parameters that keep a run safe
 
@@ -142,17 +162,40 @@ class EMOConfig(SFTConfig):
         metadata={"help": "Tokens per chunk of the fused head (default: chosen from vocabulary and hidden size)."},
     )
 
-    # ---- calibration guard (training/callbacks.py) ----
+    # ---- perplexity budget (training/perplexity_budget.py, holdout.py) ----
     emo_guard_max_ppl_ratio: float | None = field(
-        default=1.2,
+        default=1.05,
         metadata={
-            "help": "Calibration guard, active with an eval dataset: evaluate the starting model once, log eval_ppl and "
-            "eval_ppl_ratio (held-out perplexity / starting one) at every evaluation, warn past this ratio. None: off."
+            "help": "Perplexity budget, on by default: evaluate the starting model and the held-out split every "
+            "emo_guard_eval_steps; stop once held-out perplexity passes this ratio to the start's and keep (save) the "
+            "last evaluated weights inside it. Without an eval split, emo_guard_holdout of the training documents is "
+            "held out. Costs the evaluations and, per evaluation, a CPU copy of the trainable weights (LoRA: a few "
+            "MB). null: off (no evaluation, no hold-out)."
         },
     )
     emo_guard_stop: bool = field(
-        default=False,
-        metadata={"help": "Stop training at the first evaluation whose perplexity ratio exceeds the guard's bound."},
+        default=True,
+        metadata={
+            "help": "Stop at the first evaluation past the budget and keep the last weights inside it; false: warn "
+            "only, train to the end and keep the last step."
+        },
+    )
+    emo_guard_eval_steps: float = field(
+        default=0.1,
+        metadata={
+            "help": "How often the budget evaluates when eval_strategy is 'no' (a schedule you set is kept): a "
+            "fraction < 1 of the optimizer steps (0.1 = every tenth of the run: 10 evaluations + the start) or a "
+            "number of steps. Each is one forward pass over the held-out split."
+        },
+    )
+    emo_guard_holdout: float = field(
+        default=0.02,
+        metadata={
+            "help": "Without an eval split: the share of the training rows held out by document for the budget (a "
+            f"fraction < 1, at most {HOLDOUT_MAX_ROWS} rows, or a number of rows), seeded by data_seed (else seed). "
+            "Rows sharing a document/document_id/doc_id/title/id value go together; otherwise contiguous spans of "
+            "rows. 0: none (the budget is then off)."
+        },
     )
 
     # ---- reliability (issue 7) ----
@@ -180,7 +223,7 @@ class EMOConfig(SFTConfig):
             logger.info(
                 "load_best_model_at_end: keeping the checkpoint with the lowest eval_mle (held-out cross-entropy)."
             )
-        # The guard's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
+        # The budget's metrics are lower-is-better, but the Trainer assumes higher-is-better for names not ending in
         # "loss": set the direction unless the user did.
         best = (self.metric_for_best_model or "").removeprefix("eval_")
         if self.greater_is_better is None and best in _LOWER_IS_BETTER:
@@ -216,9 +259,19 @@ class EMOConfig(SFTConfig):
             )
         if self.emo_guard_max_ppl_ratio is not None and not self.emo_guard_max_ppl_ratio > 1:
             raise ValueError(
-                f"emo_guard_max_ppl_ratio must be > 1 (e.g. 1.2 = warn at +20% held-out perplexity), got "
-                f"{self.emo_guard_max_ppl_ratio}. Use None to turn the calibration guard off."
+                f"emo_guard_max_ppl_ratio must be > 1 (e.g. 1.05 = stop at +5% held-out perplexity), got "
+                f"{self.emo_guard_max_ppl_ratio}. Use None to turn the perplexity budget off."
             )
+        for name in ("emo_guard_eval_steps", "emo_guard_holdout"):
+            value = getattr(self, name)
+            if value < 0 or (name == "emo_guard_eval_steps" and value == 0) or (value >= 1 and value != int(value)):
+                raise ValueError(
+                    f"{name} must be a fraction below 1 or a whole number"
+                    + (" (0: no automatic hold-out)" if name == "emo_guard_holdout" else " above 0")
+                    + f", got {value}."
+                )
+            if value >= 1:
+                setattr(self, name, int(value))  # a number of steps / rows, as the Trainer's own eval_steps
         if self.emo_chunk_size is not None and self.emo_chunk_size < 1:
             raise ValueError(f"emo_chunk_size must be a positive number of tokens, got {self.emo_chunk_size}.")
         if self.emo_max_nonfinite_steps < 0:

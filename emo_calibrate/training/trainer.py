@@ -22,7 +22,7 @@ from ..losses.fused import fused_linear_emo_loss
 from ..losses.output_head import fused_head_unsupported_reason, output_logit_transform
 from ..losses.reference import EMOLossOutput, emo_loss
 from ..utils.quantization import disable_cpu_4bit_repacking
-from .callbacks import CalibrationGuard, NonFiniteGuard, StopController
+from .callbacks import NonFiniteGuard, StopController
 from .checkpointing import (
     assert_finite_weights,
     begin_checkpoint,
@@ -34,6 +34,7 @@ from .checkpointing import (
 )
 from .config import EMOConfig
 from .loss_head import decoder_backbone, first_row, head_weight, reference_memory_note, router_aux_loss
+from .perplexity_budget import prepare_perplexity_budget
 from .validation import SHIFT_LABELS_ERROR, validate_prepared_trainer, validate_trainer_inputs
 
 
@@ -98,7 +99,10 @@ class EMOTrainer(SFTTrainer):
         args = _as_emo_config(model, args)
         # Bad input fails here, with one clear message, before the model is loaded (see validation.py).
         kwargs = validate_trainer_inputs(model, args, pargs, kwargs)
-        super().__init__(model, args, *pargs, **kwargs)
+        # The perplexity budget: its held-out split (the user's, else held out of the training documents here, before
+        # tokenization) and its evaluation schedule. The arguments come back by name.
+        kwargs, self.perplexity_budget = prepare_perplexity_budget(model, args, pargs, kwargs)
+        super().__init__(model, args, **kwargs)
         # The Trainer counts the target tokens of each accumulation window (num_items_in_batch) only when the model's
         # forward accepts loss kwargs, because it then passes the count to the model. The EMO loss is ours, not the
         # model's: the tokens are counted for every model (many *ForConditionalGeneration classes say False), so the
@@ -130,10 +134,8 @@ class EMOTrainer(SFTTrainer):
         self._nonfinite_guard = NonFiniteGuard(self, self._stop, self.args.emo_max_nonfinite_steps)
         self.add_callback(self._stop)
         self.add_callback(self._nonfinite_guard)
-        # Calibration guard (callbacks.py): with an eval set, held-out perplexity is compared with the starting model's.
-        if self.eval_dataset is not None and self.args.eval_strategy != "no" and self.args.emo_guard_max_ppl_ratio:
-            self.args.eval_on_start = True
-            self.add_callback(CalibrationGuard(self.args.emo_guard_max_ppl_ratio, stop=self.args.emo_guard_stop))
+        if self.perplexity_budget.active:
+            self.add_callback(self.perplexity_budget)
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -378,7 +380,9 @@ class EMOTrainer(SFTTrainer):
         # of its 4-bit codes): `emo-calibrate merge` merges into exactly this base (export/records.py).
         if self.args.should_save:
             model = self.accelerator.unwrap_model(self.model)
-            save_training_record(model, output_dir or self.args.output_dir, self.args, self.state)
+            save_training_record(
+                model, output_dir or self.args.output_dir, self.args, self.state, self.perplexity_budget.record()
+            )
 
     def _save_checkpoint(self, model, trial):
         # Whole or absent: the folder is marked incomplete first and complete last, once every process has written

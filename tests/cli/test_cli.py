@@ -67,7 +67,9 @@ def test_no_arguments_resolve_to_the_embedded_demo():
     assert model_args.model_name_or_path is None and script_args.dataset_name is None  # filled in by main()
     assert training_args.learning_rate == 2e-5 and training_args.emo_weighting == "emo_anchored"
     assert training_args.max_length == 256 and training_args.packing and training_args.packing_strategy == "wrapped"
-    assert model_args.use_peft and model_args.lora_target_modules == "all-linear" and not model_args.load_in_4bit
+    assert model_args.use_peft and not model_args.load_in_4bit
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules) == (32, 16, None)  # official
+    assert training_args.emo_guard_max_ppl_ratio == 1.05 and training_args.emo_guard_eval_steps == 20
     assert training_args.max_steps == 60 and not training_args.bf16 and not training_args.activation_checkpointing
     # command-line overrides win over the demo recipe
     _, training_args, _, _, _ = cli_train.parse(["--max_steps", "5", "--emo_weighting", "mle"])
@@ -244,12 +246,13 @@ def test_bad_datasets_are_refused_before_loading_the_model(tmp_path, tiny_llama_
     for dataset, message in cases:
         with pytest.raises(SystemExit, match=message):
             cli_train.main(*cli_train.parse(tiny_args(tiny_llama_dir, dataset, tmp_path / "out")))
-    # an eval strategy without a test split
+    # an eval strategy without a test split, when the perplexity budget holds none out
     jsonl = write_jsonl(tmp_path / "ok.jsonl", tiny_dataset["text"])
+    argv = tiny_args(tiny_llama_dir, jsonl, tmp_path / "out", "--eval_strategy", "steps")
     with pytest.raises(SystemExit, match="needs a test split"):
-        cli_train.main(
-            *cli_train.parse(tiny_args(tiny_llama_dir, jsonl, tmp_path / "out", "--eval_strategy", "steps"))
-        )
+        cli_train.main(*cli_train.parse([*argv, "--emo_guard_max_ppl_ratio", "null"]))
+    with pytest.raises(AssertionError, match="must not be loaded"):  # else its automatic hold-out is the split
+        cli_train.main(*cli_train.parse(argv))
 
 
 def test_split_articles_holds_out_whole_articles():

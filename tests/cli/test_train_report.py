@@ -97,12 +97,33 @@ def test_no_generation_sample_turns_it_off(tmp_path, tiny_llama_dir, heldout_set
     assert "rep-4" not in printed and "emo-calibrate train: done" in printed
 
 
-def test_without_a_test_split_the_summary_says_why(tmp_path, tiny_llama_dir, tiny_dataset, capsys):
+def test_without_a_test_split_the_budget_holds_rows_out_and_the_summary_says_what_it_did(
+    tmp_path, tiny_llama_dir, tiny_dataset, capsys
+):
     path = tmp_path / "train.jsonl"
     tiny_dataset.to_json(str(path))
-    summary = cli_train.main(*cli_train.parse(tiny_argv(tiny_llama_dir, path, tmp_path / "run", "--max_steps", "1")))
-    assert summary["generation"] is None
-    assert "held-out checks      none: the dataset has no 'test' split" in capsys.readouterr().out
+    argv = tiny_argv(tiny_llama_dir, path, tmp_path / "run", "--max_steps", "2", "--perplexity", "true")
+    summary = cli_train.main(*cli_train.parse(argv))
+    trainer, printed = summary["trainer"], capsys.readouterr().out
+    assert summary["eval_rows"] == len(trainer.perplexity_budget.heldout_dataset) == 1  # 2 % of 32 rows
+    assert summary["ppl_before"] == pytest.approx(trainer.perplexity_budget.start_ppl)  # no extra pass before
+    assert f"held-out rows of {path} (held out automatically)" in printed
+    assert f"perplexity budget    {trainer.perplexity_budget.describe()}\n" in printed
+    assert "no held-out paragraph" in summary["heldout_note"]  # the sample tried the hold-out: sentences are short
+    off = tiny_argv(tiny_llama_dir, path, tmp_path / "off", "--max_steps", "1", "--emo_guard_max_ppl_ratio", "null")
+    summary = cli_train.main(*cli_train.parse(off))
+    printed = capsys.readouterr().out
+    assert summary["generation"] is None and summary["trainer"].eval_dataset is None
+    assert "held-out checks      none: the dataset has no 'test' split" in printed
+    assert "perplexity budget    off (emo_guard_max_ppl_ratio is null)" in printed
+
+
+def test_the_budget_is_one_line_of_the_summary(capsys):
+    from emo_calibrate.cli.train_report import print_summary
+
+    line = "stopped at step 180 of 312: held-out perplexity 1.07x the start; kept step 150, 1.04x"
+    print_summary({"saved": "adapter written to", "output_dir": "out", "seconds": 60.0, "budget": line})
+    assert f"\n  perplexity budget    {line}\n" in capsys.readouterr().out
 
 
 class _WordTokenizer:

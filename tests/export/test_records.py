@@ -104,6 +104,19 @@ def test_an_fp32_adapter_merges_by_default_into_its_fp32_base(fp32_run, tmp_path
     assert saved["trained_base"] == "unquantised" and saved["quantization"] is None
 
 
+def test_the_record_holds_what_the_perplexity_budget_did(tiny_llama_dir, tmp_path):
+    trainer = _train(tiny_llama_dir, tmp_path, args={"emo_guard_max_ppl_ratio": 1.05, "emo_guard_holdout": 2})
+    record = json.loads((tmp_path / "out" / "emo_training.json").read_text())
+    budget = record["perplexity_budget"]
+    assert budget == json.loads(json.dumps(trainer.perplexity_budget.record()))
+    assert budget["heldout"] == {
+        "source": "automatic", "rows": 2, "method": "2 contiguous spans of rows", "documents": 2, "train_rows": 6,
+        "seed": 0, "size": 2,
+    }  # fmt: skip
+    assert budget["max_ppl_ratio"] == 1.05 and budget["start_ppl"] > 1 and budget["summary"]
+    assert record["settings"]["emo_guard_holdout"] == 2 and record["settings"]["emo_guard_eval_steps"] == 0.1
+
+
 def test_dequantized_is_refused_for_an_adapter_trained_unquantised(fp32_run, tmp_path):
     from emo_calibrate import merge_adapter
 

@@ -71,8 +71,48 @@ def main(model_dir, data, output_dir, record_dir):
     record["b_logs"] = [h for h in resumed.state.log_history if "mle" in h]
     record["b_lora"] = lora_weights(resumed.model)
     resumed.save_model(os.path.join(output_dir, "final"))  # every rank joins the gather of the full state dict
+    record["budget"] = budget_run(model_dir, dataset, output_dir, make_args, lora, EMOTrainer)
     with open(os.path.join(record_dir, f"rank{state.process_index}.json"), "w") as handle:
         json.dump(record, handle)
+
+
+def budget_run(model_dir, dataset, output_dir, make_args, lora, EMOTrainer) -> dict:
+    """Run C: the perplexity budget, driven past it. Each rank copies and puts back its own shards; the full LoRA
+    tensors after training must be those of the kept evaluation."""
+    import random
+
+    from datasets import Dataset
+    from tiny_models import WORDS
+    from transformers import TrainerCallback
+
+    at_evaluation = {}
+
+    class FullLoraAtEvaluation(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            at_evaluation[state.global_step] = lora_weights(model)  # a collective: every rank evaluates
+
+    args = make_args(
+        Path(output_dir) / "budget", max_steps=8, per_device_train_batch_size=2, learning_rate=0.06, use_cpu=True,
+        bf16=False, accelerator_config={"use_configured_state": True}, emo_guard_max_ppl_ratio=1.05,
+        emo_guard_eval_steps=2,
+    )  # fmt: skip
+    rng = random.Random(0)  # word salad: training on the tiny sentences drives its perplexity up
+    salad = Dataset.from_dict({"text": [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(8)]})
+    trainer = EMOTrainer(
+        model_dir, args=args, train_dataset=dataset, eval_dataset=salad, peft_config=lora(),
+        callbacks=[FullLoraAtEvaluation()],
+    )  # fmt: skip
+    trainer.train()
+    budget = trainer.perplexity_budget
+    final = lora_weights(trainer.model)
+    return {
+        "summary": budget.describe(),
+        "tripped": budget.tripped.step if budget.tripped else None,
+        "kept": budget.kept.step if budget.kept else None,
+        "kept_how": budget.kept_how,
+        "final_is_kept": budget.kept is not None and final == at_evaluation[budget.kept.step],
+        "final_is_last": final == at_evaluation[trainer.state.global_step],
+    }
 
 
 if __name__ == "__main__":

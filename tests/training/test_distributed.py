@@ -21,6 +21,7 @@ def train_argv(model_dir, dataset, output_dir, batch):
         "--max_steps", "3", "--per_device_train_batch_size", str(batch), "--learning_rate", "5e-2",
         "--max_length", "32", "--packing", "false", "--logging_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
         "--lora_dropout", "0", "--seed", "0", "--data_seed", "0", "--use_cpu", "true", "--bf16", "false",
+        "--emo_guard_max_ppl_ratio", "null",  # every row trained on: 32 rows split evenly over 2 processes
     ]  # fmt: skip
 
 

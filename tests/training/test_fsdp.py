@@ -60,6 +60,12 @@ def test_fsdp2_trains_checkpoints_resumes_and_matches_one_process(tmp_path, tiny
             assert rank["b_lora"][name] == value, name
     assert ranks[0]["a_lora"] == ranks[1]["a_lora"]
 
+    # The perplexity budget under FSDP2: stopped, and each rank put back its shards of the kept evaluation's weights.
+    budget = ranks[0]["budget"]
+    assert budget == ranks[1]["budget"], (budget, ranks[1]["budget"])
+    assert budget["kept_how"] == "restored", budget
+    assert budget["kept"] < budget["tripped"] and budget["final_is_kept"] and not budget["final_is_last"], budget
+
     # One process, the same global batch (2 ranks x 2 = 4), no FSDP.
     args = make_args(tmp_path, output_dir=str(tmp_path / "one"), max_steps=4, per_device_train_batch_size=4)
     dataset = load_dataset("json", data_files=str(data), split="train")
