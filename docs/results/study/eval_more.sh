@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Calibration study, second evaluation: the runs trained after the first one (mle_anchored, seed 1), on the same
 # held-out text, ICL items and demonstrations as eval_runs.sh (everything is seeded), without MAUVE / sampling
-# (greedy degeneration only) to fit the CPU budget. Paired comparisons against the base model: paired_study.py.
+# (greedy degeneration only) to fit the CPU budget. Paired comparisons against the base model: the `paired` section
+# of results.json (emo_calibrate.evaluation.paired_statistics pairs models across reports).
 # Usage: bash docs/results/study/eval_more.sh RUNS_DIR OUT_DIR LABEL=PATH [LABEL=PATH ...]
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
