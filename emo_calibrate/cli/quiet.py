@@ -48,7 +48,7 @@ def quiet_progress_class():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or self.training_bar is None or not logs:
                 return
-            if any(key.startswith("eval_") for key in logs):  # rare, and worth keeping on screen (calibration guard)
+            if any(key.startswith("eval_") for key in logs):  # the budget's evaluations: keep them on screen
                 shown = {
                     k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items() if k.startswith("eval_")
                 }

@@ -70,10 +70,10 @@ class EMOConfig(SFTConfig):
         `eval_ppl` and `eval_ppl_ratio` (and, at the first, `eval_ppl_start`). At each evaluation inside the budget
         the trainable weights are copied to CPU memory (a few MB for LoRA; for full fine-tuning a copy of every
         trainable weight); at the first one past it, training stops and those weights are put back, so that
-        `save_model()` saves the last evaluated step inside the budget, not the last step. Why 1.05: in the one-epoch
-        study (docs/results/study/README.md) EMO's held-out cross-entropy stayed flat for ~100 of 312 steps, then
-        rose steadily to 2.1x perplexity by the end; 1.05 stops early on that rise (where along it the drop in greedy
-        repetition is earned was not measured). `None` turns the budget off: no evaluation, no hold-out. Cost: the
+        `save_model()` saves the last evaluated step inside the budget, not the last step. Why 1.05 (docs/results.md):
+        with the default (official) LoRA setting, one epoch of `emo_anchored` on SmolLM2-135M ended at 1.02x the
+        starting perplexity, so the budget leaves it alone; the 0.2 all-linear setting passed 1.05x within ~80
+        steps on its way to 2.1x, and the budget stops it there. `None` turns the budget off: no evaluation, no hold-out. Cost: the
         evaluations (see `emo_guard_eval_steps`) and the copies.
     emo_guard_stop (`bool`, *optional*, defaults to `True`):
         Stop at the first evaluation past the budget and keep the last weights inside it. `False`: warn, train on to
