@@ -6,8 +6,8 @@ Labels follow `<lora>_<weighting>-<step>` (e.g. `off_emo-104`; `off` = the offic
 `mle`, `emo` = emo_anchored, `mla` = mle_anchored); the twin of `off_emo-104` is `off_mle-104`. A `base` model, when
 present, gives each checkpoint's perplexity relative to the starting model (what the perplexity budget watches).
 
-    python docs/results/defaults/summarize.py --reports runs/study19/eval/base runs/study19/eval/step-* \
-        --runs runs/study19 --output docs/results/defaults
+    python docs/results/defaults/summarize.py --reports runs/study19/eval/base runs/study19/eval/step-*/ \
+        --runs runs/study19 --icl_reports runs/study19/eval/icl-*/ --output docs/results/defaults
 """
 
 import argparse
@@ -136,6 +136,34 @@ def training_table(windows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def icl_table(results: dict) -> str:
+    """ICL accuracy per task of every model that ran it, and each EMO model against its twin (paired, McNemar)."""
+    models = [m for m in results["models"] if m.get("icl")]
+    if not models:
+        return ""
+    labels = [m["label"] for m in models]
+    tasks = list(models[0]["icl"])
+    lines = [
+        "| task | " + " | ".join(labels) + " | EMO - twin, points [95 %], McNemar p |",
+        "|---" * (len(labels) + 2) + "|",
+    ]
+    pairs = {}
+    for label in labels:
+        match = LABEL.match(label)
+        twin = match and f"{match['lora']}_mle-{match['step']}"
+        if match and match["weighting"] != "mle" and twin in labels:
+            pairs[label] = paired_statistics(results, twin)["models"][label]["icl"]
+    for task in tasks:
+        accuracy = [f"{100 * m['icl'][task]['accuracy']:.1f}" for m in models]
+        diffs = [
+            f"{label}: {100 * p[task]['estimate']:+.1f} [{100 * p[task]['ci95'][0]:+.1f}, {100 * p[task]['ci95'][1]:+.1f}], "
+            f"p = {p[task]['mcnemar']['p_value']:.2f}"
+            for label, p in pairs.items()
+        ]
+        lines.append(f"| {task} | " + " | ".join(accuracy) + f" | {'; '.join(diffs) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _f(value, digits=3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -191,15 +219,18 @@ def plot(table_rows: list[dict], path: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reports", nargs="+", required=True, help="emo-calibrate eval output folders")
+    parser.add_argument("--icl_reports", nargs="*", default=[], help="emo-calibrate eval folders of `--metrics icl`")
     parser.add_argument("--runs", help="the runs' folder: adds the training-log comparison per 52-step window")
     parser.add_argument("--output", required=True, help="folder for summary.md, summary.json, tradeoff.png")
     args = parser.parse_args(argv)
-    table_rows = rows(load(args.reports))
+    results = load(args.reports)
+    table_rows = rows(results)
     windows = training_windows(args.runs) if args.runs else []
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"checkpoints": table_rows, "training_windows": windows}, f, indent=1)
-    text = table(table_rows) + ("\n" + training_table(windows) if windows else "")
+    icl = icl_table(load(args.icl_reports)) if args.icl_reports else ""
+    text = table(table_rows) + ("\n" + training_table(windows) if windows else "") + ("\n" + icl if icl else "")
     with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
     plot(table_rows, os.path.join(args.output, "tradeoff.png"))
