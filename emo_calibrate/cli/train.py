@@ -115,6 +115,7 @@ def parse(argv: list[str]):
             raise SystemExit(
                 f"{PROG}: the recipe {config!r} does not exist. The recipes ship in the repository's recipes/."
             )
+        given = given_options(parser, argv)
         defaults = TrainDefaults("recipe")
     else:
         given = given_options(parser, argv)
@@ -127,7 +128,7 @@ def parse(argv: list[str]):
             defaults = TrainDefaults(kind, settings, frozenset(given))
     try:  # unknown recipe keys and failed __post_init__ checks raise ValueError; unknown flags exit via argparse
         parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
-        apply_lora_preset(parsed[2], parsed[3], given_options(parser, argv), _recipe_keys(argv))
+        apply_lora_preset(parsed[2], parsed[3], given, _recipe_keys(argv))
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from err
     return (*parsed, defaults)
