@@ -27,7 +27,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainOptions", "apply_lora_preset", "load_datasets", "main", "make_parser", "model_init_kwargs", "run"]
+__all__ = ["TrainOptions", "load_datasets", "main", "make_parser", "model_init_kwargs", "run"]
 
 PROG = "emo-calibrate train"
 DESCRIPTION = (
@@ -102,7 +102,7 @@ def parse(argv: list[str]):
     """
     from ..demo import DEMO_RECIPE
     from .quiet import drop_bitsandbytes_cpu_kernel_notice
-    from .train_defaults import TrainDefaults, calibration_defaults, given_options
+    from .train_defaults import TrainDefaults, apply_lora_preset, calibration_defaults, given_options, recipe_keys
 
     argv = list(argv)
     drop_bitsandbytes_cpu_kernel_notice()  # before make_parser imports bitsandbytes
@@ -117,55 +117,24 @@ def parse(argv: list[str]):
             )
         given = given_options(parser, argv)
         defaults = TrainDefaults("recipe")
+        from_recipe = recipe_keys(config)
     else:
         given = given_options(parser, argv)
         if given.get("model_name_or_path") is None and given.get("dataset_name") is None:
             argv = ["--config", str(DEMO_RECIPE), *argv]
             defaults = TrainDefaults("demo", given=frozenset(given))
+            from_recipe = recipe_keys(DEMO_RECIPE)
         else:
             kind, settings = calibration_defaults(given)
             parser.set_defaults_with_config(**{s.name: s.value for s in settings})
             defaults = TrainDefaults(kind, settings, frozenset(given))
+            from_recipe = set()
     try:  # unknown recipe keys and failed __post_init__ checks raise ValueError; unknown flags exit via argparse
         parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
-        apply_lora_preset(parsed[2], parsed[3], given, _recipe_keys(argv))
+        apply_lora_preset(parsed[2], parsed[3].lora_preset, given, from_recipe)
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from err
     return (*parsed, defaults)
-
-
-def _recipe_keys(argv: list[str]) -> set[str]:
-    """The option names a `--config` recipe sets (empty without one)."""
-    if "--config" not in argv:
-        return set()
-    import yaml
-
-    with open(argv[argv.index("--config") + 1], encoding="utf-8") as f:
-        return set(yaml.safe_load(f) or {})
-
-
-def apply_lora_preset(model_args, options: TrainOptions, given: dict, recipe_keys: set[str]) -> None:
-    """Fill the LoRA options of `model_args` from `options.lora_preset`, in place.
-
-    Options given on the command line win over the preset. A recipe that names a preset and also sets one of its
-    options to another value is refused: which of the two the author meant is unknown.
-    """
-    from ..training.lora_presets import LORA_PRESETS
-
-    if options.lora_preset is None:
-        return
-    if not model_args.use_peft:
-        raise ValueError(f"lora_preset={options.lora_preset!r} sets LoRA options, but use_peft is false.")
-    preset_from_recipe = "lora_preset" not in given
-    for name, value in LORA_PRESETS[options.lora_preset].options().items():
-        if name in given:
-            continue
-        if preset_from_recipe and name in recipe_keys and getattr(model_args, name) != value:
-            raise ValueError(
-                f"the recipe sets lora_preset: {options.lora_preset} and also {name}: {getattr(model_args, name)}, "
-                f"which the preset sets to {value}. Keep one of the two (or override on the command line)."
-            )
-        setattr(model_args, name, value)
 
 
 def model_init_kwargs(model_args, training_args) -> dict:

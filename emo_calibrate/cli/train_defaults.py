@@ -18,7 +18,15 @@ from typing import Any
 from ..training.lora_presets import DEFAULT_LORA_PRESET
 
 
-__all__ = ["Setting", "TrainDefaults", "calibration_defaults", "detect_hardware", "given_options"]
+__all__ = [
+    "Setting",
+    "TrainDefaults",
+    "apply_lora_preset",
+    "calibration_defaults",
+    "detect_hardware",
+    "given_options",
+    "recipe_keys",
+]
 
 
 @dataclass(frozen=True)
@@ -204,3 +212,35 @@ def calibration_defaults(given: dict) -> tuple[str, tuple[Setting, ...]]:
     ]
     settings = precision + (adapters if lora else []) + batch + training
     return kind, tuple(settings)
+
+
+def recipe_keys(path) -> set[str]:
+    """The option names the YAML recipe at `path` sets."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return set(yaml.safe_load(f) or {})
+
+
+def apply_lora_preset(model_args, preset: str | None, given: dict, from_recipe: set[str]) -> None:
+    """Fill the LoRA options of `model_args` (a `trl.ModelConfig`) from the named LoRA preset, in place.
+
+    Options given on the command line (`given`) win over the preset. A recipe that names a preset and also sets one
+    of its options (`from_recipe`: the recipe's keys) to another value is refused: which the author meant is unknown.
+    """
+    from ..training.lora_presets import LORA_PRESETS
+
+    if preset is None:
+        return
+    if not model_args.use_peft:
+        raise ValueError(f"lora_preset={preset!r} sets LoRA options, but use_peft is false.")
+    preset_from_recipe = "lora_preset" not in given
+    for name, value in LORA_PRESETS[preset].options().items():
+        if name in given:
+            continue
+        if preset_from_recipe and name in from_recipe and getattr(model_args, name) != value:
+            raise ValueError(
+                f"the recipe sets lora_preset: {preset} and also {name}: {getattr(model_args, name)}, "
+                f"which the preset sets to {value}. Keep one of the two (or override on the command line)."
+            )
+        setattr(model_args, name, value)

@@ -14,7 +14,6 @@ one-epoch study (docs/results/study/README.md) held-out perplexity doubled by th
   `save_model()` writes them: the result is the last evaluated step inside the budget, not the last step.
 """
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -247,13 +246,10 @@ def _entry(evaluation: Evaluation | None) -> dict | None:
     return evaluation.record() if evaluation is not None else None
 
 
-def prepare_perplexity_budget(model, args, pargs: tuple, kwargs: dict) -> tuple[dict, "PerplexityBudget"]:
-    """Before `SFTTrainer.__init__(model, args, *pargs, **kwargs)`: the held-out split and evaluation schedule of the
-    budget. Returns the trainer's other arguments, all by name, with the datasets to use, and the budget."""
-    from trl import SFTTrainer
-
-    kwargs = inspect.signature(SFTTrainer.__init__).bind(None, model, args, *pargs, **kwargs).arguments
-    kwargs = {name: value for name, value in kwargs.items() if name not in ("self", "model", "args")}
+def prepare_perplexity_budget(args, kwargs: dict) -> tuple[dict, "PerplexityBudget"]:
+    """Before `SFTTrainer.__init__(model, args, **kwargs)` (`kwargs`: its other arguments by name): the held-out split
+    and evaluation schedule of the budget. Returns `kwargs` with the datasets to use, and the budget."""
+    kwargs = dict(kwargs)
     kwargs["train_dataset"], kwargs["eval_dataset"], budget = choose_heldout(
         args, kwargs.get("train_dataset"), kwargs.get("eval_dataset")
     )

@@ -35,7 +35,12 @@ from .checkpointing import (
 from .config import EMOConfig
 from .loss_head import decoder_backbone, first_row, head_weight, reference_memory_note, router_aux_loss
 from .perplexity_budget import prepare_perplexity_budget
-from .validation import SHIFT_LABELS_ERROR, validate_prepared_trainer, validate_trainer_inputs
+from .validation import (
+    SHIFT_LABELS_ERROR,
+    trainer_arguments_by_name,
+    validate_prepared_trainer,
+    validate_trainer_inputs,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -98,10 +103,10 @@ class EMOTrainer(SFTTrainer):
     def __init__(self, model, args=None, *pargs, **kwargs):
         args = _as_emo_config(model, args)
         # Bad input fails here, with one clear message, before the model is loaded (see validation.py).
-        kwargs = validate_trainer_inputs(model, args, pargs, kwargs)
+        kwargs = validate_trainer_inputs(model, args, trainer_arguments_by_name(model, args, pargs, kwargs))
         # The perplexity budget: its held-out split (the user's, else held out of the training documents here, before
         # tokenization) and its evaluation schedule. The arguments come back by name.
-        kwargs, self.perplexity_budget = prepare_perplexity_budget(model, args, pargs, kwargs)
+        kwargs, self.perplexity_budget = prepare_perplexity_budget(args, kwargs)
         super().__init__(model, args, **kwargs)
         # The Trainer counts the target tokens of each accumulation window (num_items_in_batch) only when the model's
         # forward accepts loss kwargs, because it then passes the count to the model. The EMO loss is ours, not the

@@ -103,7 +103,7 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path):
 def test_missing_pad_token_is_fixed_with_eos_and_a_log_line(tmp_path, tiny_llama_dir, tiny_dataset, caplog):
     tokenizer = build_tokenizer()
     tokenizer.pad_token = None
-    with caplog.at_level(logging.INFO, logger="emo_calibrate.training.validation"):
+    with caplog.at_level(logging.INFO, logger="emo_calibrate.training.data_checks"):
         trainer = EMOTrainer(tiny_llama_dir, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
                              processing_class=tokenizer, peft_config=lora())  # fmt: skip
     assert "no pad token: padding with its eos token '</s>'" in caplog.text
@@ -160,7 +160,7 @@ def test_empty_texts(tmp_path, tiny_llama_dir, tiny_dataset, no_model_loading, c
             tiny_llama_dir, args=make_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["", " \n", None]})
         )
     some = Dataset.from_dict({"text": ["the king", "", "  "] * 4})
-    with caplog.at_level(logging.WARNING, logger="emo_calibrate.training.validation"):
+    with caplog.at_level(logging.WARNING, logger="emo_calibrate.training.data_checks"):
         v.check_dataset(some, make_args(tmp_path))
     assert "8 of 12 texts in train_dataset['text'] are empty" in caplog.text
 
