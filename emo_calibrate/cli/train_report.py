@@ -86,7 +86,7 @@ class GenerationSample:
     @staticmethod
     def rep4(continuations: list[list[int]]) -> list[float]:
         """rep-4 of each continuation: 1 - unique 4-grams / 4-grams (0 = no repeated 4-gram, near 1 = a loop)."""
-        from ..evaluation.metrics import rep_n
+        from ..evaluation.repetition import rep_n
 
         return [rep_n(ids, 4) for ids in continuations]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import rep_n, repetition_summary
+from .repetition import rep_n, repetition_summary
 
 
 __all__ = [
