@@ -7,7 +7,8 @@ Labels follow `<lora>_<weighting>-<step>` (e.g. `off_emo-104`; `off` = the offic
 present, gives each checkpoint's perplexity relative to the starting model (what the perplexity budget watches).
 
     python docs/results/defaults/summarize.py --reports runs/study19/eval/base runs/study19/eval/step-*/ \
-        --runs runs/study19 --icl_reports runs/study19/eval/icl-*/ --output docs/results/defaults
+        --runs runs/study19 --icl_reports runs/study19/eval/icl-*/ --final_reports runs/study19/eval/final-*/ \
+        --output docs/results/defaults
 """
 
 import argparse
@@ -164,6 +165,49 @@ def icl_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def final_table(results: dict) -> str:
+    """End-of-epoch generation of the finalists: MAUVE and rep-4 of sampled text (mean over seeds), greedy rep-4,
+    and each model against `base` and each EMO model against its twin (paired: prompts for rep-4, seeds for MAUVE)."""
+    models = [m for m in results["models"] if m.get("generation", {}).get("sample")]
+    if not models:
+        return ""
+    labels = [m["label"] for m in models]
+    human = results["models"][0].get("generation", {}).get("human", {})
+    lines = [
+        "| model | MAUVE (sampled) | sampled rep-4 | greedy rep-4 | against | MAUVE diff. [95 %] | sampled rep-4 diff. [95 %] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        gen = model["generation"]
+        sample, greedy = gen["sample"]["mean"], gen.get("greedy", {}).get("mean", {})
+        match = LABEL.match(model["label"])
+        twin = match and f"{match['lora']}_mle-{match['step']}"
+        candidates = ("base", twin if match and match["weighting"] != "mle" else None)
+        against = [r for r in candidates if r in labels and r != model["label"]]
+        cells = []
+        for reference in against:
+            pair = paired_statistics(results, reference)["models"][model["label"]]["generation"]["sample"]
+            mauve, rep4 = pair.get("mauve"), pair.get("rep-4")
+            cells.append(
+                (
+                    reference,
+                    "-" if not mauve else f"{mauve['estimate']:+.3f}{_ci(mauve['ci95'])}",
+                    "-" if not rep4 else f"{rep4['estimate']:+.3f}{_ci(rep4['ci95'])}",
+                )
+            )
+        cells = cells or [("-", "-", "-")]
+        for i, (reference, mauve_diff, rep_diff) in enumerate(cells):
+            head = (
+                f"| {model['label']} | {_f(sample.get('mauve'))} | {_f(sample.get('rep-4'))} | {_f(greedy.get('rep-4'))} "
+                if i == 0
+                else "| | | | "
+            )
+            lines.append(head + f"| {reference} | {mauve_diff} | {rep_diff} |")
+    if human.get("rep-4") is not None:
+        lines.append(f"| human continuations | - | {human['rep-4']:.3f} | - | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def _f(value, digits=3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -220,6 +264,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reports", nargs="+", required=True, help="emo-calibrate eval output folders")
     parser.add_argument("--icl_reports", nargs="*", default=[], help="emo-calibrate eval folders of `--metrics icl`")
+    parser.add_argument(
+        "--final_reports", nargs="*", default=[], help="folders of `eval.sh ... final` (MAUVE, sampled)"
+    )
     parser.add_argument("--runs", help="the runs' folder: adds the training-log comparison per 52-step window")
     parser.add_argument("--output", required=True, help="folder for summary.md, summary.json, tradeoff.png")
     args = parser.parse_args(argv)
@@ -230,7 +277,9 @@ def main(argv=None):
     with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"checkpoints": table_rows, "training_windows": windows}, f, indent=1)
     icl = icl_table(load(args.icl_reports)) if args.icl_reports else ""
-    text = table(table_rows) + ("\n" + training_table(windows) if windows else "") + ("\n" + icl if icl else "")
+    final = final_table(load(args.final_reports)) if args.final_reports else ""
+    text = table(table_rows) + ("\n" + training_table(windows) if windows else "")
+    text += ("\n" + icl if icl else "") + ("\n" + final if final else "")
     with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
     plot(table_rows, os.path.join(args.output, "tradeoff.png"))
