@@ -208,6 +208,55 @@ def final_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scorecard(table_rows: list[dict], icl_results: dict | None, final_results: dict | None) -> str:
+    """The goal's five criteria for every EMO finalist (a model in the ICL or final reports), each against its twin:
+    perplexity <= 1.05x, ECE <= 1.5x, MAUVE >= the twin's (point estimate, mean over seeds), ICL not below the
+    twin's (no task whose paired interval lies below zero), greedy rep-4 <= 0.6x. "-" = not measured."""
+    by_label = {r["label"]: r for r in table_rows}
+    finalists = []
+    for results in (icl_results, final_results):
+        for model in (results or {}).get("models", []):
+            match = LABEL.match(model["label"])
+            if match and match["weighting"] != "mle" and model["label"] not in finalists:
+                finalists.append(model["label"])
+    if not finalists:
+        return ""
+
+    def against_twin(results, label):
+        match = LABEL.match(label)
+        twin = f"{match['lora']}_mle-{match['step']}"
+        labels = [m["label"] for m in (results or {}).get("models", [])]
+        if label not in labels or twin not in labels:
+            return None
+        return paired_statistics(results, twin)["models"][label]
+
+    yes_no = lambda ok: "-" if ok is None else ("yes" if ok else "no")  # noqa: E731
+    lines = [
+        "| model | ppl <= 1.05x | ECE <= 1.5x | MAUVE >= twin | ICL not below twin (mean diff., points) "
+        "| greedy rep-4 <= 0.6x | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in finalists:
+        row = by_label.get(label, {})
+        ppl = None if row.get("ppl_ratio") is None else row["ppl_ratio"] <= GOAL["ppl"]
+        ece = None if row.get("ece_ratio") is None else row["ece_ratio"] <= GOAL["ece"]
+        rep4 = None if row.get("rep4_ratio") is None else row["rep4_ratio"] <= GOAL["rep4"]
+        final = against_twin(final_results, label)
+        mauve_pair = final and final.get("generation", {}).get("sample", {}).get("mauve")
+        mauve = None if not mauve_pair else mauve_pair["estimate"] >= 0
+        icl_pair = (against_twin(icl_results, label) or {}).get("icl")
+        icl, icl_mean = None, ""
+        if icl_pair:
+            icl = not any(t["excludes_null"] and t["estimate"] < 0 for t in icl_pair.values())
+            icl_mean = f" ({100 * sum(t['estimate'] for t in icl_pair.values()) / len(icl_pair):+.1f})"
+        checks = [ppl, ece, mauve, icl, rep4]
+        lines.append(
+            f"| {label} | {yes_no(ppl)} | {yes_no(ece)} | {yes_no(mauve)} | {yes_no(icl)}{icl_mean} | {yes_no(rep4)} "
+            f"| {sum(bool(c) for c in checks)} of {sum(c is not None for c in checks)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _f(value, digits=3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -234,27 +283,36 @@ def table(table_rows: list[dict]) -> str:
 
 
 def plot(table_rows: list[dict], path: str) -> None:
+    """Two panels, one curve per setting through its checkpoints: perplexity (left) and ECE (right), each against the
+    MLE twin, over the greedy rep-4 reduction; the dashed lines are the goal's bounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for setting in sorted({r["setting"] for r in table_rows}):
-        points = [r for r in table_rows if r["setting"] == setting and r["rep4_ratio"] is not None]
-        if not points:
-            continue
-        xs = [100 * (1 - r["rep4_ratio"]) for r in points]
-        ys = [r["ppl_ratio"] for r in points]
-        ax.plot(xs, ys, marker="o", label=setting)
-        for x, y, r in zip(xs, ys, points):
-            ax.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(GOAL["ppl"], color="grey", linestyle="--", linewidth=0.8)
-    ax.axvline(100 * (1 - GOAL["rep4"]), color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("greedy rep-4 reduction against the MLE twin (%)")
-    ax.set_ylabel("held-out perplexity / MLE twin's")
-    ax.set_title("EMO: repetition bought against perplexity (labels: step)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = [
+        ("ppl_ratio", GOAL["ppl"], "held-out perplexity / MLE twin's"),
+        ("ece_ratio", GOAL["ece"], "top-token ECE / MLE twin's"),
+    ]
+    for ax, (key, bound, label) in zip(axes, panels):
+        for setting in sorted({r["setting"] for r in table_rows}):
+            points = [r for r in table_rows if r["setting"] == setting and r["rep4_ratio"] is not None]
+            if not points:
+                continue
+            xs = [100 * (1 - r["rep4_ratio"]) for r in points]
+            ys = [r[key] for r in points]
+            ax.plot(xs, ys, marker="o", label=setting)
+            for i, (x, y, r) in enumerate(zip(xs, ys, points)):
+                # Alternate above / below so that close checkpoints keep readable labels.
+                offset = (4, 4) if i % 2 == 0 else (4, -10)
+                ax.annotate(str(r["step"]), (x, y), textcoords="offset points", xytext=offset, fontsize=7)
+        ax.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
+        ax.axvline(100 * (1 - GOAL["rep4"]), color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("greedy rep-4 reduction against the MLE twin (%)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("EMO: repetition bought against perplexity and calibration (labels: step)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -276,10 +334,13 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"checkpoints": table_rows, "training_windows": windows}, f, indent=1)
-    icl = icl_table(load(args.icl_reports)) if args.icl_reports else ""
-    final = final_table(load(args.final_reports)) if args.final_reports else ""
+    icl_results = load(args.icl_reports) if args.icl_reports else None
+    final_results = load(args.final_reports) if args.final_reports else None
+    icl = icl_table(icl_results) if icl_results else ""
+    final = final_table(final_results) if final_results else ""
+    score = scorecard(table_rows, icl_results, final_results)
     text = table(table_rows) + ("\n" + training_table(windows) if windows else "")
-    text += ("\n" + icl if icl else "") + ("\n" + final if final else "")
+    text += ("\n" + icl if icl else "") + ("\n" + final if final else "") + ("\n" + score if score else "")
     with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write(text)
     plot(table_rows, os.path.join(args.output, "tradeoff.png"))
