@@ -1,7 +1,7 @@
 """Keep what `emo-calibrate train` prints to what a user needs to read.
 
 - `quiet_progress_class()` (`QuietProgressCallback`): the Trainer's progress bar, with the latest logged `loss` / `mle` / `emo` as its postfix
-  instead of one printed dict per logging step (every logged value is still in `trainer_state.json` and the
+  instead of one printed dict per logging step, and one short line per evaluation (`evaluation_line`) (every logged value is still in `trainer_state.json` and the
   trackers; `--disable_tqdm true` prints each log as a line, as the Trainer does without a bar).
 - `benign_library_noise_silenced`: drops, for the duration of the trainer's set-up, exactly the library messages that
   are known to be benign on this path (each one is explained where it is filtered).
@@ -10,6 +10,7 @@
 
 import functools
 import logging
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 __all__ = [
     "benign_library_noise_silenced",
     "drop_bitsandbytes_cpu_kernel_notice",
+    "evaluation_line",
     "quiet_progress_class",
     "use_quiet_progress",
 ]
@@ -45,20 +47,39 @@ def quiet_progress_class():
     class QuietProgressCallback(ProgressCallback):
         """`ProgressCallback` that shows training logs as the bar's postfix and prints only evaluation results."""
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
+            # After the perplexity budget's own `on_evaluate` (it is registered first), so its ratio is there.
+            if state.is_world_process_zero and self.training_bar is not None and metrics:
+                self.training_bar.write(f"step {state.global_step}: {evaluation_line(metrics)}")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or self.training_bar is None or not logs:
                 return
-            if any(key.startswith("eval_") for key in logs):  # the budget's evaluations: keep them on screen
-                shown = {
-                    k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items() if k.startswith("eval_")
-                }
-                self.training_bar.write(f"step {state.global_step}: {shown}")
+            if any(key.startswith("eval_") for key in logs):  # printed by on_evaluate, in one short line
                 return
             postfix = {k: f"{logs[k]:.4g}" for k in _POSTFIX_KEYS if isinstance(logs.get(k), (int, float))}
             if postfix:
                 self.training_bar.set_postfix(postfix, refresh=True)
 
     return QuietProgressCallback
+
+
+def evaluation_line(metrics: dict) -> str:
+    """One short line for an evaluation during training: held-out perplexity (and its ratio to the start, when the
+    perplexity budget measured it), then EMO and next-token entropy. Every metric is in `trainer_state.json`."""
+    nll = metrics.get("eval_mle", metrics.get("eval_loss"))
+    ppl = metrics.get("eval_ppl", math.exp(min(nll, 700.0)) if isinstance(nll, (int, float)) else None)
+    parts = []
+    if ppl is not None:
+        ratio = metrics.get("eval_ppl_ratio")
+        parts.append(f"held-out perplexity {ppl:.2f}" + (f" ({ratio:.3f}x the start)" if ratio is not None else ""))
+    parts += [
+        f"{name} {metrics[key]:.3f}"
+        for key, name in (("eval_emo", "emo"), ("eval_entropy", "entropy"))
+        if isinstance(metrics.get(key), (int, float))
+    ]
+    return ", ".join(parts) or "evaluated"
 
 
 def use_quiet_progress(trainer) -> None:

@@ -74,7 +74,11 @@ def test_tiny_cli_run_prints_no_library_warnings_and_no_step_dicts(tmp_path, sho
         found.add("tokenizer sequence-length warning")
     assert not found, found
     printed = capfd.readouterr()
-    assert "{'loss'" not in printed.out + printed.err  # the logs are the progress bar's postfix, not printed dicts
+    text = printed.out + printed.err
+    assert "{'loss'" not in text  # the logs are the progress bar's postfix, not printed dicts
+    # The perplexity budget's evaluations: one short line each, not the metrics dict.
+    assert "{'eval_loss'" not in text
+    assert "step 0: held-out perplexity" in text and "(1.000x the start)" in text
     assert "emo-calibrate train: done" in printed.out
 
 
@@ -111,3 +115,13 @@ def test_the_current_name_and_the_default_warn_nothing(tmp_path):
             warnings.simplefilter("error", FutureWarning)
             _, training_args, _, _, _ = cli_train.parse(["--config", str(recipe)])
         assert training_args.activation_checkpointing is expected, text  # default: TRL's True, under the new name
+
+
+def test_evaluation_line_is_short_and_reads_the_budget_ratio():
+    from emo_calibrate.cli.quiet import evaluation_line
+
+    metrics = {"eval_loss": 3.0, "eval_mle": 3.0, "eval_emo": 0.8412, "eval_entropy": 2.873, "eval_runtime": 40.1}
+    assert evaluation_line(metrics) == "held-out perplexity 20.09, emo 0.841, entropy 2.873"
+    metrics.update(eval_ppl=20.0855, eval_ppl_ratio=1.0123)
+    assert evaluation_line(metrics) == "held-out perplexity 20.09 (1.012x the start), emo 0.841, entropy 2.873"
+    assert evaluation_line({"eval_loss": 1.0}) == "held-out perplexity 2.72"
