@@ -107,13 +107,16 @@ def tiny_text_dataset(n: int = 32):
 
 
 def make_args(tmp_path, **overrides):
-    """A short, deterministic `EMOConfig` for tiny models: 3 steps of 4 x 32 tokens, fp32, no checkpoints, and no
-    perplexity budget (its held-out rows and evaluations are tested on their own, in tests/training/test_guard.py)."""
+    """A short, deterministic `EMOConfig` for tiny models: 3 steps of 4 x 32 tokens, fp32, no checkpoints, no
+    perplexity budget (its held-out rows and evaluations are tested on their own, in tests/training/test_guard.py),
+    and `emo_anchored`, the weighting with the strongest EMO gradient (the default, `mle_anchored`, is checked in
+    tests/training/test_config.py and by the tests that parametrize the weighting)."""
     from emo_calibrate import EMOConfig
 
     values = dict(
         output_dir=str(tmp_path / "out"),
         emo_guard_max_ppl_ratio=None,
+        emo_weighting="emo_anchored",
         max_steps=3,
         per_device_train_batch_size=4,
         learning_rate=5e-2,

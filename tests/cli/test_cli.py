@@ -65,7 +65,7 @@ def test_no_arguments_resolve_to_the_embedded_demo():
     script_args, training_args, model_args, options, defaults = cli_train.parse([])
     assert defaults.is_demo
     assert model_args.model_name_or_path is None and script_args.dataset_name is None  # filled in by main()
-    assert training_args.learning_rate == 2e-5 and training_args.emo_weighting == "emo_anchored"
+    assert training_args.learning_rate == 2e-5 and training_args.emo_weighting == "mle_anchored"
     assert training_args.max_length == 256 and training_args.packing and training_args.packing_strategy == "wrapped"
     assert model_args.use_peft and not model_args.load_in_4bit
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules) == (32, 16, None)  # official

@@ -81,7 +81,7 @@ def test_7b_recipes_have_the_papers_calibration_settings(path):
     script_args, training_args, model_args, _, _ = parse_recipe(path)
     assert training_args.learning_rate == 2e-5 and training_args.num_train_epochs == 1
     assert training_args.max_length == 256 and training_args.packing
-    assert training_args.emo_weighting == ("mle" if path.name.endswith("_mle.yaml") else "emo_anchored")
+    assert training_args.emo_weighting == ("mle" if path.name.endswith("_mle.yaml") else "mle_anchored")
     assert training_args.emo_cost_embedding == "frozen" and training_args.emo_subtract_target_mass
     assert training_args.bf16 and training_args.activation_checkpointing
     quant = get_quantization_config(model_args)
@@ -100,7 +100,7 @@ def test_the_mle_twin_differs_only_in_the_weighting():
     emo = yaml.safe_load((RECIPES / "llama2-7b_qlora_emo.yaml").read_text())
     mle = yaml.safe_load((RECIPES / "llama2-7b_qlora_mle.yaml").read_text())
     assert {k for k in emo if emo[k] != mle.get(k)} == {"emo_weighting", "output_dir"} and emo.keys() == mle.keys()
-    assert (emo["emo_weighting"], mle["emo_weighting"]) == ("emo_anchored", "mle")
+    assert (emo["emo_weighting"], mle["emo_weighting"]) == ("mle_anchored", "mle")
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)

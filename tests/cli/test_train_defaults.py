@@ -49,7 +49,7 @@ def _calibration_setting(training_args, model_args):
     assert training_args.max_length == 256 and training_args.packing and training_args.packing_strategy == "wrapped"
     assert training_args.activation_checkpointing and training_args.gradient_checkpointing  # the old name mirrors
     assert training_args.save_strategy == "steps" and training_args.save_steps == 100
-    assert training_args.save_total_limit == 2 and training_args.emo_weighting == "emo_anchored"
+    assert training_args.save_total_limit == 2 and training_args.emo_weighting == "mle_anchored"
     lora = get_peft_config(model_args)
     # the official EMO LoRA setting: PEFT's default modules for the model type (q_proj + v_proj for LLaMA)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (32, 16, 0.05, None)

@@ -61,7 +61,7 @@ def test_dry_run_of_the_proof_script(tmp_path):
     assert emo["emo_fused_head"] is True and emo["emo_fallback_reason"] is None
     assert emo["emo_workspace_gib"] == pytest.approx(2 * 4 * (2 * 63) * 512 / 2**30)  # 126 tokens < the CPU floor
     assert "emo" in emo["last_log"] and "emo" not in mle["last_log"]
-    assert math.isclose(emo["last_log"]["loss"], 2 * emo["last_log"]["emo"], rel_tol=1e-3)  # emo_anchored: 2*emo
+    assert math.isclose(emo["last_log"]["loss"], emo["last_log"]["mle"], rel_tol=1e-3)  # mle_anchored (default): = mle
     # Same batches, and at step 1 the adapters are still zero: TRL's cross-entropy equals EMOTrainer's logged mle.
     assert math.isclose(mle["first_log"]["loss"], emo["first_log"]["mle"], rel_tol=1e-4)
     (comparison,) = results["comparisons"]

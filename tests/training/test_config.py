@@ -21,7 +21,7 @@ EMO_FIELDS = [
 
 def test_defaults_are_the_official_continual_finetuning_setting(tmp_path):
     config = EMOConfig(output_dir=str(tmp_path), report_to="none")
-    assert config.emo_weighting == "emo_anchored"
+    assert config.emo_weighting == "mle_anchored"
     assert config.emo_subtract_target_mass is True
     assert config.emo_ratio_clamp is None
     assert config.emo_cost_embedding == "frozen"
@@ -38,7 +38,7 @@ def test_cpu_machine_falls_back_to_fp32_only_when_bf16_is_unset(tmp_path):
     "overrides, message",
     [
         (dict(emo_weighting="emo3"), "emo_weighting='emo3' is not one of"),
-        (dict(emo_ratio_clamp=3.0), "only applies to emo_weighting='mle_anchored'"),
+        (dict(emo_weighting="emo_anchored", emo_ratio_clamp=3.0), "only applies to emo_weighting='mle_anchored'"),
         (dict(emo_weighting="mle_anchored", emo_ratio_clamp=0.0), "must be > 0"),
         (dict(emo_cost_embedding="/no/such/file.safetensors"), "neither 'frozen', 'adaptive' nor an existing path"),
         (dict(emo_chunk_size=0), "positive number of tokens"),
@@ -63,7 +63,7 @@ def test_help_lists_emo_fields(capsys):
     text = capsys.readouterr().out
     for name in EMO_FIELDS:
         assert f"--{name}" in text
-    assert "emo_anchored" in text
+    assert "emo_anchored" in text and "mle_anchored" in text
 
 
 def test_parse_from_yaml_and_command_line(tmp_path):

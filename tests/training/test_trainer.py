@@ -169,7 +169,7 @@ def test_plain_sft_config_is_converted(tiny_llama_dir, tmp_path, tiny_dataset):
     sft = SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none", max_steps=1, learning_rate=1e-3)
     trainer = EMOTrainer(tiny_llama_dir, args=sft, train_dataset=tiny_dataset, peft_config=lora())
     assert isinstance(trainer.args, EMOConfig)
-    assert trainer.args.learning_rate == 1e-3 and trainer.args.emo_weighting == "emo_anchored"
+    assert trainer.args.learning_rate == 1e-3 and trainer.args.emo_weighting == "mle_anchored"
 
 
 def test_moe_router_aux_loss_is_added_and_logged(tmp_path, tiny_dataset):
