@@ -258,13 +258,23 @@ class EMOTrainer(SFTTrainer):
     def _verify_fused_head(self, model, model_inputs) -> bool:
         """Once, on the first example of the first batch: the fused logits (the backbone's last hidden state through
         the head and its soft cap / scale) reproduce the model's own at the last position. A model whose forward
-        does more (an unknown logit transform, a final norm outside the backbone) falls back to the reference."""
+        does more (an unknown logit transform, a final norm outside the backbone) falls back to the reference.
+
+        Both forwards run in eval mode: in training mode dropout (LoRA's `lora_dropout` once the adapters are no
+        longer zero, as on a resume, or a model's own attention / hidden dropout) draws different masks for the two
+        and would fail the check for nothing; eval mode also leaves the RNG stream of training untouched."""
         row = first_row(model_inputs)
         causal_lm, _ = decoder_backbone(self.accelerator.unwrap_model(model))
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(causal_lm.forward).parameters else {}
-        expected = model(**row, **keep).logits[:, -1].float()
         unwrapped = self.accelerator.unwrap_model(model)
-        got = self._forward_redirection(model, unwrapped, self._fused_last_logits, unwrapped, row).to(expected.device)
+        was_training = model.training
+        model.eval()
+        try:
+            expected = model(**row, **keep).logits[:, -1].float()
+            got = self._forward_redirection(model, unwrapped, self._fused_last_logits, unwrapped, row)
+        finally:
+            model.train(was_training)
+        got = got.to(expected.device)
         low_precision = got.dtype != torch.float32 or self.args.bf16 or self.args.fp16
         scale = max(1.0, expected.abs().max().item())
         difference = (got - expected).abs().max().item()

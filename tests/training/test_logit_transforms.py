@@ -72,3 +72,21 @@ def test_an_unknown_logit_transform_falls_back_once_with_its_memory(tmp_path, ti
     reference.train()
     get = lambda t: torch.tensor([h["loss"] for h in t.state.log_history if "mle" in h])  # noqa: E731
     torch.testing.assert_close(get(trainer), get(reference))
+
+
+def test_dropout_does_not_fail_the_one_time_check(tmp_path, tiny_dataset):
+    """Adapters that are not zero (a resume, or an adapter trained before) with LoRA dropout: in training mode the
+    check's two forwards would draw different dropout masks and fall back to the full-logits path for nothing. The
+    check runs in eval mode, so the fused head is kept, and training equals the reference path's step for step
+    (the check draws no random numbers either)."""
+    trainers = {}
+    for fused in (True, False):
+        torch.manual_seed(0)  # the same non-zero adapters for both
+        trainers[fused] = EMOTrainer(
+            build_tiny_model("llama"), args=make_args(tmp_path / str(fused), emo_fused_head=fused),
+            train_dataset=tiny_dataset, processing_class=build_tokenizer(),
+            peft_config=lora(lora_dropout=0.5, init_lora_weights=False),
+        )  # fmt: skip
+        trainers[fused].train()
+    assert trainers[True]._fused_reason is None and trainers[True]._fused_verified
+    assert_trained_alike(trainers[True], trainers[False])
