@@ -37,6 +37,18 @@ def load(folders: list[str]) -> dict:
     return merge_results(*results) if len(results) > 1 else results[0]
 
 
+def twin_of(label: str) -> str | None:
+    """The MLE twin's label of an EMO checkpoint label (`off_emo-104` -> `off_mle-104`); None for MLE runs and others."""
+    match = LABEL.match(label)
+    return f"{match['lora']}_mle-{match['step']}" if match and match["weighting"] != "mle" else None
+
+
+def goal_checks(row: dict) -> dict[str, bool | None]:
+    """The goal's three checkpoint criteria for a `rows()` row, each against the twin; None = not measured."""
+    bounded = {"ppl": "ppl_ratio", "ece": "ece_ratio", "rep4": "rep4_ratio"}
+    return {k: None if row.get(key) is None else row[key] <= GOAL[k] for k, key in bounded.items()}
+
+
 def _ratio(entry: dict) -> float | None:
     return entry["model"] / entry["reference"] if entry and entry["reference"] else None
 
@@ -47,12 +59,10 @@ def rows(results: dict) -> list[dict]:
     against_base = paired_statistics(results, "base")["models"] if "base" in labels else {}
     out = []
     for label in labels:
-        match = LABEL.match(label)
-        if not match or match["weighting"] == "mle":
-            continue
-        twin = f"{match['lora']}_mle-{match['step']}"
+        twin = twin_of(label)
         if twin not in labels:
             continue
+        match = LABEL.match(label)
         pair = paired_statistics(results, twin)["models"][label]
         ppl = pair["perplexity"]["token"]
         ece = pair["calibration"]["ece"]
@@ -74,13 +84,7 @@ def rows(results: dict) -> list[dict]:
             ppl_vs_base=against_base.get(label, {}).get("perplexity", {}).get("token", {}).get("estimate"),
             twin_ppl_vs_base=against_base.get(twin, {}).get("perplexity", {}).get("token", {}).get("estimate"),
         )
-        row["meets_goal"] = (
-            row["ppl_ratio"] <= GOAL["ppl"]
-            and row["ece_ratio"] is not None
-            and row["ece_ratio"] <= GOAL["ece"]
-            and row["rep4_ratio"] is not None
-            and row["rep4_ratio"] <= GOAL["rep4"]
-        )
+        row["meets_goal"] = all(goal_checks(row).values())
         out.append(row)
     return sorted(out, key=lambda r: (r["setting"], r["step"]))
 
@@ -150,9 +154,8 @@ def icl_table(results: dict) -> str:
     ]
     pairs = {}
     for label in labels:
-        match = LABEL.match(label)
-        twin = match and f"{match['lora']}_mle-{match['step']}"
-        if match and match["weighting"] != "mle" and twin in labels:
+        twin = twin_of(label)
+        if twin in labels:
             pairs[label] = paired_statistics(results, twin)["models"][label]["icl"]
     for task in tasks:
         accuracy = [f"{100 * m['icl'][task]['accuracy']:.1f}" for m in models]
@@ -180,9 +183,7 @@ def final_table(results: dict) -> str:
     for model in models:
         gen = model["generation"]
         sample, greedy = gen["sample"]["mean"], gen.get("greedy", {}).get("mean", {})
-        match = LABEL.match(model["label"])
-        twin = match and f"{match['lora']}_mle-{match['step']}"
-        candidates = ("base", twin if match and match["weighting"] != "mle" else None)
+        candidates = ("base", twin_of(model["label"]))
         against = [r for r in candidates if r in labels and r != model["label"]]
         cells = []
         for reference in against:
@@ -216,15 +217,13 @@ def scorecard(table_rows: list[dict], icl_results: dict | None, final_results: d
     finalists = []
     for results in (icl_results, final_results):
         for model in (results or {}).get("models", []):
-            match = LABEL.match(model["label"])
-            if match and match["weighting"] != "mle" and model["label"] not in finalists:
+            if twin_of(model["label"]) and model["label"] not in finalists:
                 finalists.append(model["label"])
     if not finalists:
         return ""
 
     def against_twin(results, label):
-        match = LABEL.match(label)
-        twin = f"{match['lora']}_mle-{match['step']}"
+        twin = twin_of(label)
         labels = [m["label"] for m in (results or {}).get("models", [])]
         if label not in labels or twin not in labels:
             return None
@@ -237,10 +236,7 @@ def scorecard(table_rows: list[dict], icl_results: dict | None, final_results: d
         "|---|---|---|---|---|---|---|",
     ]
     for label in finalists:
-        row = by_label.get(label, {})
-        ppl = None if row.get("ppl_ratio") is None else row["ppl_ratio"] <= GOAL["ppl"]
-        ece = None if row.get("ece_ratio") is None else row["ece_ratio"] <= GOAL["ece"]
-        rep4 = None if row.get("rep4_ratio") is None else row["rep4_ratio"] <= GOAL["rep4"]
+        ppl, ece, rep4 = goal_checks(by_label.get(label, {})).values()
         final = against_twin(final_results, label)
         mauve_pair = final and final.get("generation", {}).get("sample", {}).get("mauve")
         mauve = None if not mauve_pair else mauve_pair["estimate"] >= 0
