@@ -1,8 +1,9 @@
 """Keep what `emo-calibrate train` prints to what a user needs to read.
 
-- `quiet_progress_class()` (`QuietProgressCallback`): the Trainer's progress bar, with the latest logged `loss` / `mle` / `emo` as its postfix
-  instead of one printed dict per logging step, and one short line per evaluation (`evaluation_line`) (every logged value is still in `trainer_state.json` and the
-  trackers; `--disable_tqdm true` prints each log as a line, as the Trainer does without a bar).
+- `quiet_progress_class()` (`QuietProgressCallback`): the Trainer's progress bar, with the latest logged `loss` /
+  `mle` / `emo` as its postfix instead of one printed dict per logging step, and one short line per evaluation
+  (`evaluation_line`). Every logged value is still in `trainer_state.json` and the trackers; `--disable_tqdm true`
+  prints each log as a line, as the Trainer does without a bar.
 - `benign_library_noise_silenced`: drops, for the duration of the trainer's set-up, exactly the library messages that
   are known to be benign on this path (each one is explained where it is filtered).
 - `drop_bitsandbytes_cpu_kernel_notice`: bitsandbytes' import-time notice about an optional CPU kernel package.
@@ -10,7 +11,6 @@
 
 import functools
 import logging
-import math
 import warnings
 from contextlib import contextmanager
 
@@ -67,19 +67,27 @@ def quiet_progress_class():
 
 def evaluation_line(metrics: dict) -> str:
     """One short line for an evaluation during training: held-out perplexity (and its ratio to the start, when the
-    perplexity budget measured it), then EMO and next-token entropy. Every metric is in `trainer_state.json`."""
-    nll = metrics.get("eval_mle", metrics.get("eval_loss"))
-    ppl = metrics.get("eval_ppl", math.exp(min(nll, 700.0)) if isinstance(nll, (int, float)) else None)
+    perplexity budget measured it), then EMO and next-token entropy. Every metric is in `trainer_state.json`.
+
+    `metrics` are one `on_evaluate` call's: prefixed `eval_`, or `eval_<name>_` for one of several eval datasets,
+    whose name then leads the line."""
+    from emo_calibrate.training.perplexity_budget import perplexity  # not at import: see quiet_progress_class
+
+    loss_key = next((key for key in metrics if key.startswith("eval") and key.endswith("_loss")), "eval_loss")
+    prefix = loss_key[: -len("_loss")]
+    nll = metrics.get(f"{prefix}_mle", metrics.get(loss_key))
+    ppl = metrics.get("eval_ppl", perplexity(nll) if isinstance(nll, (int, float)) else None)
     parts = []
     if ppl is not None:
         ratio = metrics.get("eval_ppl_ratio")
         parts.append(f"held-out perplexity {ppl:.2f}" + (f" ({ratio:.3f}x the start)" if ratio is not None else ""))
     parts += [
         f"{name} {metrics[key]:.3f}"
-        for key, name in (("eval_emo", "emo"), ("eval_entropy", "entropy"))
+        for key, name in ((f"{prefix}_emo", "emo"), (f"{prefix}_entropy", "entropy"))
         if isinstance(metrics.get(key), (int, float))
     ]
-    return ", ".join(parts) or "evaluated"
+    line = ", ".join(parts) or "evaluated"
+    return line if prefix == "eval" else f"{prefix[len('eval_') :]}: {line}"
 
 
 def use_quiet_progress(trainer) -> None:

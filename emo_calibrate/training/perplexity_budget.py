@@ -28,7 +28,7 @@ from .holdout import HoldOut, hold_out
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "PerplexityBudget", "choose_heldout", "prepare_perplexity_budget"]
+__all__ = ["Evaluation", "PerplexityBudget", "choose_heldout", "perplexity", "prepare_perplexity_budget"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,11 @@ def _restore_trainable(model, saved: dict[str, torch.Tensor]) -> None:
     for name, param in model.named_parameters():
         if name in saved:
             _local_values(param).copy_(saved[name])
+
+
+def perplexity(nll: float) -> float:
+    """exp of a mean token cross-entropy, capped where float `exp` would overflow (past ~709) on a diverged run."""
+    return math.exp(min(nll, 700.0))
 
 
 class PerplexityBudget(TrainerCallback):
@@ -123,7 +128,7 @@ class PerplexityBudget(TrainerCallback):
         if not metrics or f"{self.eval_key}_loss" not in metrics:
             return  # another of several eval datasets
         nll = metrics.get("eval_mle", metrics[f"{self.eval_key}_loss"])  # eval_loss is the cross-entropy of SFT
-        ppl = math.exp(min(nll, 700.0))  # exp overflows float past ~709
+        ppl = perplexity(nll)
         added = {"eval_ppl": ppl}
         if self.start_ppl is None:
             self.start_ppl = added["eval_ppl_start"] = ppl

@@ -125,3 +125,6 @@ def test_evaluation_line_is_short_and_reads_the_budget_ratio():
     metrics.update(eval_ppl=20.0855, eval_ppl_ratio=1.0123)
     assert evaluation_line(metrics) == "held-out perplexity 20.09 (1.012x the start), emo 0.841, entropy 2.873"
     assert evaluation_line({"eval_loss": 1.0}) == "held-out perplexity 2.72"
+    # one of several eval datasets: its own metrics, under its name
+    named = {"eval_wiki_loss": 1.0, "eval_wiki_mle": 1.0, "eval_wiki_entropy": 2.5}
+    assert evaluation_line(named) == "wiki: held-out perplexity 2.72, entropy 2.500"
